@@ -1,0 +1,15 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (edm_format, ...)
+torch.set_num_threads(int(os.environ.get("ECT_TEST_THREADS", "2")))
+
+
+@pytest.fixture
+def small_arch():
+    return dict(kind="ect", img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2],
+                num_blocks=1, attn_resolutions=[4], dropout=0.0)
