@@ -80,7 +80,7 @@ def _train_args(p: argparse.ArgumentParser, with_teacher: bool) -> None:
     p.add_argument("--state-dir", required=True,
                    help="resumable state (weights, EMA, optimiser, step, RNG); rerunning the command resumes from it")
     p.add_argument("--out", required=True, help="final EMA weights, our checkpoint format")
-    p.add_argument("--log", help="copy of the per-tick JSON-lines log, written at the end")
+    p.add_argument("--train-log", dest="log", help="copy of the per-tick JSON-lines log, written at the end")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -301,6 +301,9 @@ def _train(cfg, d: Dist, data_path, state_dir, out_path, init_path, snapshot_dir
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     def save_state(iteration):
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise TrainingDiverged(f"weights became non-finite by iteration {iteration}; the last good state "
+                                   f"is kept in {state_dir} (not overwritten)")
         if d.main:
             _save_state(state_path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                                      "iteration": iteration, "stage": stage_at(iteration, loss_cfg.double) if cfg.objective == "ect" else 0,

@@ -1,0 +1,151 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ect.checkpoint import read_checkpoint
+from ect.train import TrainConfig, batch_indices, batch_noise
+from helpers import ect_command, make_dataset, make_teacher, run_ect, state_dicts_equal, write_config
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data = tmp_path / "data.npz"
+    make_dataset(data)
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    return tmp_path, data, teacher
+
+
+def tune_args(tmp, data, teacher, config, name):
+    return ["tune", "--config", config, "--data", data, "--teacher", teacher, "--state-dir", tmp / f"{name}-state",
+            "--out", tmp / f"{name}.pt", "--snapshots", tmp / f"{name}-snaps", "--train-log", tmp / f"{name}.jsonl",
+            "--threads", "1", "--no-progress"]
+
+
+def wait_for(path, proc, timeout=60):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"process ended early: {proc.stderr.read() if proc.stderr else ''}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="Pmean"):
+        TrainConfig.from_dict({"loss": {"Pmean": 1}})
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig.from_dict({"optimizer": "sgd"})
+
+
+def test_batches_are_epoch_permutations_and_noise_is_per_iteration():
+    seen = torch.cat([batch_indices(0, i, 16, 64) for i in range(4)])
+    assert sorted(seen.tolist()) == list(range(64))  # one epoch = each image once
+    assert not torch.equal(batch_indices(0, 4, 16, 64), batch_indices(0, 0, 16, 64))
+    a, b = batch_noise(0, 3, (4, 3, 8, 8)), batch_noise(0, 3, (4, 3, 8, 8))
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], batch_noise(0, 4, (4, 3, 8, 8))[1])
+
+
+def test_tune_writes_outputs_and_sigkill_resume_is_bit_identical(setup):
+    tmp, data, teacher = setup
+    config = write_config(tmp / "c.yaml", tune={"kimg": 0.96, "snapshot_kimg": 0, "arch": {"dropout": 0.3}})
+    run_ect(*tune_args(tmp, data, teacher, config, "full"))
+    full = read_checkpoint(tmp / "full.pt")
+    assert full["arch"]["kind"] == "ect" and full["arch"]["augment_dim"] == 0 and full["meta"]["iteration"] == 120
+    log = read_log(tmp / "full.jsonl")
+    assert [e["iteration"] for e in log] == list(range(5, 121, 5))
+    assert {"loss", "stage", "lr", "img_per_s", "kimg", "peak_mem_mb"} <= set(log[0])
+    assert [e["stage"] for e in log] == [(e["iteration"] - 1) // 10 for e in log]  # a stage every 10 iterations
+
+    args = tune_args(tmp, data, teacher, config, "killed")
+    proc = subprocess.Popen(ect_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(tmp / "killed-state" / "state.pt", proc)
+    time.sleep(random.uniform(0.0, 0.8))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp / "killed.pt").exists()
+    killed_at = torch.load(tmp / "killed-state" / "state.pt", weights_only=True)["iteration"]
+    assert 0 < killed_at < 120
+    resumed = run_ect(*args)
+    assert f"resuming from" in resumed.stderr
+    assert state_dicts_equal(read_checkpoint(tmp / "killed.pt")["state_dict"], full["state_dict"])
+    assert [e["iteration"] for e in read_log(tmp / "killed.jsonl")] == [e["iteration"] for e in log]
+
+
+def test_sigterm_saves_state_exits_75_and_resumes(setup):
+    tmp, data, teacher = setup
+    config = write_config(tmp / "c.yaml", tune={"kimg": 0.8, "state_kimg": 10})  # periodic state: never
+    run_ect(*tune_args(tmp, data, teacher, config, "full"))
+    args = tune_args(tmp, data, teacher, config, "term")
+    proc = subprocess.Popen(ect_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # first tick logged: training is under way
+    assert json.loads(line)["iteration"] == 5
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "rerun the same command to resume" in err
+    saved = torch.load(tmp / "term-state" / "state.pt", weights_only=True)["iteration"]
+    assert 5 <= saved < 100
+    run_ect(*args)
+    assert state_dicts_equal(read_checkpoint(tmp / "term.pt")["state_dict"], read_checkpoint(tmp / "full.pt")["state_dict"])
+
+
+def test_diverging_loss_stops_and_keeps_last_good_state(setup):
+    tmp, data, teacher = setup
+    config = write_config(tmp / "c.yaml", tune={"lr": 1e30, "optimizer": "adam", "state_kimg": 0.008})
+    proc = run_ect(*tune_args(tmp, data, teacher, config, "nan"), check=False)
+    assert proc.returncode == 1
+    assert "became" in proc.stderr and "last good state" in proc.stderr
+    assert not (tmp / "nan.pt").exists()
+    state = torch.load(tmp / "nan-state" / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["net"].values())
+
+
+def test_resume_refuses_a_different_config(setup):
+    tmp, data, teacher = setup
+    run_ect(*tune_args(tmp, data, teacher, write_config(tmp / "a.yaml", tune={"kimg": 0.08}), "x"))
+    proc = run_ect(*tune_args(tmp, data, teacher, write_config(tmp / "b.yaml", tune={"kimg": 0.08, "lr": 2e-3}), "x"),
+                   check=False)
+    assert proc.returncode == 2 and "different configuration" in proc.stderr
+
+
+def test_ddp_two_processes_match_one_process_and_accumulation(setup):
+    tmp, data, teacher = setup
+    config = write_config(tmp / "c.yaml", tune={"kimg": 0.16})
+    run_ect(*tune_args(tmp, data, teacher, config, "one"))
+    accum = write_config(tmp / "acc.yaml", tune={"kimg": 0.16, "batch_gpu": 2})
+    run_ect(*tune_args(tmp, data, teacher, accum, "acc"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ect.cli",
+           *map(str, tune_args(tmp, data, teacher, config, "two"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = read_checkpoint(tmp / "one.pt")["state_dict"]
+    for name in ("two", "acc"):
+        other = read_checkpoint(tmp / f"{name}.pt")["state_dict"]
+        for k in one:
+            torch.testing.assert_close(other[k], one[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    assert not state_dicts_equal(one, read_checkpoint(tmp / "teacher.pt")["state_dict"])
+
+
+def test_pretrain_lowers_edm_loss_and_writes_an_edm_teacher(tmp_path):
+    data = tmp_path / "data.npz"
+    make_dataset(data)
+    config = write_config(tmp_path / "c.yaml", pretrain={"kimg": 0.8, "lr": 2e-3, "ema_beta": 0.5})
+    run_ect("pretrain", "--config", config, "--data", data, "--state-dir", tmp_path / "st", "--out", tmp_path / "t.pt",
+            "--train-log", tmp_path / "log.jsonl", "--threads", "1", "--no-progress")
+    ckpt = read_checkpoint(tmp_path / "t.pt")
+    assert ckpt["arch"]["kind"] == "edm" and ckpt["meta"]["producer"] == "ect pretrain"
+    losses = [e["loss"] for e in read_log(tmp_path / "log.jsonl")]
+    assert sum(losses[-4:]) < sum(losses[:4])
