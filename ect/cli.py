@@ -70,6 +70,15 @@ def cmd_merge_samples(args) -> int:
     return 0
 
 
+def cmd_prepare_data(args) -> int:
+    from ect.data import save_dataset
+    from ect.data.digits import digits_images
+    images, labels = digits_images(args.resolution)
+    digest = save_dataset(args.out, images, labels)
+    print(f"wrote {len(images)} images {images.shape[1:]} to {args.out} (content sha256 {digest})", file=sys.stderr)
+    return 0
+
+
 def _train_args(p: argparse.ArgumentParser, with_teacher: bool) -> None:
     p.add_argument("--config", required=True, help="preset YAML (e.g. config/config.yaml)")
     p.add_argument("--section", help="config section to read (default: 'tune' or 'pretrain')")
@@ -98,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output checkpoint (.pt)")
     p.add_argument("--sha256", help="expected sha256 of SRC; a mismatch is an error and nothing is written")
     p.set_defaults(func=cmd_convert_edm)
+
+    p = sub.add_parser("prepare-data", help="write a dataset in our format (uint8 NHWC .npz + content hash)",
+                       description="Write a dataset in our on-disk format. 'digits': scikit-learn's bundled 8x8 "
+                                   "handwritten digits (real images, no download) upsampled to RGB at --resolution.")
+    p.add_argument("--source", choices=["digits"], default="digits")
+    p.add_argument("--resolution", type=int, default=16, help="output resolution, a multiple of 8 (default 16)")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("pretrain", help="train a small EDM teacher with EDM's loss (toy presets)",
                        description="Train an EDM-preconditioned network from scratch with EDM's denoising loss. "

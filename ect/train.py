@@ -86,8 +86,6 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'constant' or 'isqrt', not {cfg.lr_schedule!r}")
         if cfg.batch < 1 or cfg.kimg <= 0 or cfg.lr <= 0 or not 0 <= cfg.ema_beta < 1:
             raise ValueError("need batch >= 1, kimg > 0, lr > 0 and 0 <= ema_beta < 1")
-        if 0 < cfg.snapshot_kimg < 1:
-            raise ValueError("snapshot_kimg must be 0 (off) or at least 1 (snapshots are named by kimg)")
         return cfg
 
     def loss_config(self):
@@ -185,11 +183,14 @@ class StopFlag:
 
     def __init__(self):
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -220,14 +221,17 @@ def train(cfg: TrainConfig, data_path, state_dir, out_path, init_path=None, snap
     """Run (or resume) training; write the EMA weights to ``out_path``. Returns a summary dict."""
     state_dir = Path(state_dir)
     d = init_distributed()
+    stop = StopFlag()
     try:
-        return _train(cfg, d, Path(data_path), state_dir, Path(out_path), init_path, snapshot_dir, log_path, progress)
+        return _train(cfg, d, stop, Path(data_path), state_dir, Path(out_path), init_path, snapshot_dir, log_path,
+                      progress)
     finally:
+        stop.restore()
         if d.world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg, d: Dist, data_path, state_dir, out_path, init_path, snapshot_dir, log_path, progress):
+def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_path, snapshot_dir, log_path, progress):
     if cfg.batch % d.world:
         raise ValueError(f"global batch {cfg.batch} is not divisible by {d.world} processes")
     per_rank = cfg.batch // d.world
@@ -257,6 +261,7 @@ def _train(cfg, d: Dist, data_path, state_dir, out_path, init_path, snapshot_dir
                          f"dataset has {channels}x{res}²")
     torch.manual_seed(cfg.seed)  # network initialisation
     net = build_network(arch)
+    arch["sigma_min"] = net.sigma_min  # record the resolved default in every checkpoint
     if cfg.objective == "ect":
         skipped = load_state_by_name(net, teacher["state_dict"])
         if skipped and d.main:
@@ -294,7 +299,6 @@ def _train(cfg, d: Dist, data_path, state_dir, out_path, init_path, snapshot_dir
         dist.barrier()
 
     ddp = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
-    stop = StopFlag()
     beta = cfg.ema_decay()
     tick_every, state_every = cfg.every_iters(cfg.tick_kimg), cfg.every_iters(cfg.state_kimg)
     snapshot_every = cfg.every_iters(cfg.snapshot_kimg)
@@ -402,7 +406,8 @@ def _publish_snapshots(src: Path, dst: Path) -> None:
 
 
 def snapshot_name(images_seen: int) -> str:
-    return f"{images_seen // 1000:06d}kimg.pt"
+    """``kimg000012.800.pt``: sorts by training length."""
+    return f"kimg{images_seen / 1000:010.3f}.pt"
 
 
 def run_cli(cfg: TrainConfig, **kwargs) -> int:

@@ -8,9 +8,10 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from ect.checkpoint import read_checkpoint
-from ect.train import TrainConfig, batch_indices, batch_noise
+from ect.train import TrainConfig, batch_indices, batch_noise, train
 from helpers import ect_command, make_dataset, make_teacher, run_ect, state_dicts_equal, write_config
 
 
@@ -59,7 +60,7 @@ def test_batches_are_epoch_permutations_and_noise_is_per_iteration():
 
 def test_tune_writes_outputs_and_sigkill_resume_is_bit_identical(setup):
     tmp, data, teacher = setup
-    config = write_config(tmp / "c.yaml", tune={"kimg": 0.96, "snapshot_kimg": 0, "arch": {"dropout": 0.3}})
+    config = write_config(tmp / "c.yaml", tune={"kimg": 0.96, "snapshot_kimg": 0.32, "arch": {"dropout": 0.3}})
     run_ect(*tune_args(tmp, data, teacher, config, "full"))
     full = read_checkpoint(tmp / "full.pt")
     assert full["arch"]["kind"] == "ect" and full["arch"]["augment_dim"] == 0 and full["meta"]["iteration"] == 120
@@ -81,6 +82,12 @@ def test_tune_writes_outputs_and_sigkill_resume_is_bit_identical(setup):
     assert f"resuming from" in resumed.stderr
     assert state_dicts_equal(read_checkpoint(tmp / "killed.pt")["state_dict"], full["state_dict"])
     assert [e["iteration"] for e in read_log(tmp / "killed.jsonl")] == [e["iteration"] for e in log]
+    snaps = sorted(p.name for p in (tmp / "full-snaps").iterdir())
+    assert snaps == ["kimg000000.320.pt", "kimg000000.640.pt", "kimg000000.960.pt"]
+    for name in snaps:
+        a, b = read_checkpoint(tmp / "full-snaps" / name), read_checkpoint(tmp / "killed-snaps" / name)
+        assert state_dicts_equal(a["state_dict"], b["state_dict"]) and a["meta"]["kimg"] == float(name[4:-3])
+    assert state_dicts_equal(read_checkpoint(tmp / "full-snaps" / snaps[-1])["state_dict"], full["state_dict"])
 
 
 def test_sigterm_saves_state_exits_75_and_resumes(setup):
@@ -110,6 +117,17 @@ def test_diverging_loss_stops_and_keeps_last_good_state(setup):
     assert not (tmp / "nan.pt").exists()
     state = torch.load(tmp / "nan-state" / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["net"].values())
+
+
+def test_bf16_autocast_and_channels_last_run(setup):
+    tmp, data, teacher = setup
+    cfg = TrainConfig.from_dict({**yaml.safe_load(write_config(tmp / "c.yaml").read_text())["tune"],
+                                 "kimg": 0.04, "bf16": True, "channels_last": True, "tf32": True})
+    summary = train(cfg, data, tmp / "st", tmp / "out.pt", init_path=teacher, progress=False)
+    assert summary["iterations"] == 5
+    ckpt = read_checkpoint(tmp / "out.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not state_dicts_equal(ckpt["state_dict"], read_checkpoint(teacher)["state_dict"])
 
 
 def test_resume_refuses_a_different_config(setup):
