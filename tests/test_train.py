@@ -167,3 +167,28 @@ def test_pretrain_lowers_edm_loss_and_writes_an_edm_teacher(tmp_path):
     assert ckpt["arch"]["kind"] == "edm" and ckpt["meta"]["producer"] == "ect pretrain"
     losses = [e["loss"] for e in read_log(tmp_path / "log.jsonl")]
     assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_lr_schedules_and_ema_half_life():
+    cfg = TrainConfig.from_dict({"lr": 1e-3, "lr_schedule": "isqrt", "lr_decay_iters": 100, "batch": 128})
+    assert [cfg.lr_at(i) for i in (0, 100)] == [1e-3, 1e-3]
+    assert cfg.lr_at(400) == pytest.approx(1e-3 / 2)
+    assert TrainConfig.from_dict({"lr": 1e-3}).lr_at(10**6) == 1e-3
+    half = TrainConfig.from_dict({"batch": 128, "ema_halflife_kimg": 0.5})
+    assert half.ema_decay() == pytest.approx(0.5 ** (128 / 500))
+    assert half.ema_decay() ** (500 / 128) == pytest.approx(0.5)
+    assert TrainConfig.from_dict({"ema_beta": 0.9993}).ema_decay() == 0.9993
+
+
+def test_ema_is_beta_average_of_parameters_after_each_step(setup):
+    tmp, data, teacher = setup
+    cfg = TrainConfig.from_dict({**yaml.safe_load(write_config(tmp / "c.yaml").read_text())["tune"],
+                                 "kimg": 0.008, "ema_beta": 0.9})  # exactly one iteration
+    train(cfg, data, tmp / "st", tmp / "out.pt", init_path=teacher, progress=False)
+    init = read_checkpoint(teacher)["state_dict"]
+    net = torch.load(tmp / "st" / "state.pt", weights_only=True)["net"]
+    ema = read_checkpoint(tmp / "out.pt")["state_dict"]
+    for k, v in ema.items():
+        want = 0.9 * init[k] + 0.1 * net[k] if not k.endswith("resample_filter") else init[k]
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(net["model.enc.8x8_conv.weight"], init["model.enc.8x8_conv.weight"])
