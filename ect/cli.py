@@ -25,20 +25,16 @@ def cmd_convert_edm(args) -> int:
     return 0
 
 
-def _train(args, objective: str) -> int:
+def cmd_train(args) -> int:
     from ect.config import load_config, section
     from ect.train import TrainConfig, run_cli
-    cfg = TrainConfig.from_dict({**section(load_config(args.config), args.section or objective_section(objective),
-                                           args.config), "objective": objective})
+    cfg = TrainConfig.from_dict({**section(load_config(args.config), args.section or args.command, args.config),
+                                 "objective": args.objective})
     if args.threads:
         torch.set_num_threads(args.threads)
     return run_cli(cfg, data_path=args.data, state_dir=args.state_dir, out_path=args.out,
                    init_path=getattr(args, "teacher", None), snapshot_dir=getattr(args, "snapshots", None),
                    log_path=args.log, progress=not args.no_progress)
-
-
-def objective_section(objective: str) -> str:
-    return "tune" if objective == "ect" else "pretrain"
 
 
 def cmd_sample(args) -> int:
@@ -94,6 +90,18 @@ def _train_args(p: argparse.ArgumentParser, with_teacher: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+TRAIN_STEPS = [  # (command = config section, objective, one-line help, description)
+    ("pretrain", "edm", "train a small EDM teacher with EDM's loss (toy presets)",
+     "Train an EDM-preconditioned network from scratch with EDM's denoising loss. Options come from the "
+     "config's 'pretrain' section."),
+    ("tune", "ect", "ECT: tune a teacher into a consistency model",
+     "Easy Consistency Tuning from a teacher checkpoint. Options come from the config's 'tune' section. Runs "
+     "under torchrun for DDP (global batch fixed)."),
+]
+RESUME_HELP = (" Resumable: rerun the same command to continue. Exit 75 when stopped by SIGTERM/SIGUSR1 after "
+               "saving state, 1 when the loss diverges (the last good state is kept).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ect", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,20 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("pretrain", help="train a small EDM teacher with EDM's loss (toy presets)",
-                       description="Train an EDM-preconditioned network from scratch with EDM's denoising loss. "
-                                   "Options come from the config's 'pretrain' section. Resumable: rerun to continue. "
-                                   "Exit 75 when stopped by SIGTERM/SIGUSR1 after saving state.")
-    _train_args(p, with_teacher=False)
-    p.set_defaults(func=lambda a: _train(a, "edm"))
-
-    p = sub.add_parser("tune", help="ECT: tune a teacher into a consistency model",
-                       description="Easy Consistency Tuning from a teacher checkpoint. Options come from the config's "
-                                   "'tune' section. Runs under torchrun for DDP (global batch fixed). Resumable: rerun "
-                                   "the same command to continue. Exit 75 when stopped by SIGTERM/SIGUSR1 after saving "
-                                   "state, 1 when the loss diverges (the last good state is kept).")
-    _train_args(p, with_teacher=True)
-    p.set_defaults(func=lambda a: _train(a, "ect"))
+    for step, objective, summary, description in TRAIN_STEPS:
+        p = sub.add_parser(step, help=summary, description=description + RESUME_HELP)
+        _train_args(p, with_teacher=objective == "ect")
+        p.set_defaults(func=cmd_train, objective=objective)
 
     p = sub.add_parser("sample", help="generate images (consistency 1/2-step, or the teacher's Heun sampler)",
                        description="Generate images; image i uses a generator seeded with i, so any seed subset is "
