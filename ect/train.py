@@ -304,13 +304,16 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
     snapshot_every = cfg.every_iters(cfg.snapshot_kimg)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
+    def stage_of(iteration):
+        return stage_at(iteration, loss_cfg.double) if cfg.objective == "ect" else 0
+
     def save_state(iteration):
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise TrainingDiverged(f"weights became non-finite by iteration {iteration}; the last good state "
                                    f"is kept in {state_dir} (not overwritten)")
         if d.main:
             _save_state(state_path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "iteration": iteration, "stage": stage_at(iteration, loss_cfg.double) if cfg.objective == "ect" else 0,
+                                     "iteration": iteration, "stage": stage_of(iteration),
                                      "data_position": iteration * cfg.batch, "rng_cpu": torch.get_rng_state(),
                                      "config_digest": cfg.digest(), "arch": arch})
         if d.world > 1:
@@ -331,7 +334,7 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
             save_state(iteration)
             raise Preempted(f"received signal {stop.signum}: state saved at iteration {iteration} in {state_dir}; "
                             "rerun the same command to resume")
-        stage = stage_at(iteration, loss_cfg.double) if cfg.objective == "ect" else 0
+        stage = stage_of(iteration)
         lr = cfg.lr_at(iteration)
         for g in optimizer.param_groups:
             g["lr"] = lr

@@ -55,27 +55,16 @@ def _reconstruct_persistent_obj(meta):
                             hashlib.sha256(src.encode("utf-8")).hexdigest(), state)
 
 
-class PickledModule:
-    """Stand-in for a plain (non-persistent) ``torch.nn`` container such as ``ModuleDict``."""
+class PickledModuleDict:
+    """Stand-in for ``torch.nn.ModuleDict``, pickled the ordinary way: NEWOBJ creates it, BUILD
+    hands it the module's ``__dict__``."""
 
-    def __init__(self, class_name: str):
-        self.class_name = class_name
-        self.state: dict = {}
+    state: dict = {}  # replaced (never mutated) by __setstate__
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
-            raise EDMFormatError(f"{self.class_name} state is not a dict")
+            raise EDMFormatError("ModuleDict state is not a dict")
         self.state = state
-
-
-class _ModuleDictPlaceholder(PickledModule):
-    def __new__(cls, *args):
-        obj = object.__new__(cls)
-        PickledModule.__init__(obj, "ModuleDict")
-        return obj
-
-    def __init__(self, *args):  # created by NEWOBJ; BUILD fills the state
-        pass
 
 
 class BoundMethodPlaceholder:
@@ -112,7 +101,7 @@ ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-    ("torch.nn.modules.container", "ModuleDict"): _ModuleDictPlaceholder,
+    ("torch.nn.modules.container", "ModuleDict"): PickledModuleDict,
     ("numpy.core.multiarray", "scalar"): _scalar,
     ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy", "dtype"): np.dtype,
@@ -156,9 +145,7 @@ def _children(state: dict) -> dict:
 
 
 def _node_state(node) -> dict:
-    if isinstance(node, PersistentRecord):
-        return node.state
-    if isinstance(node, PickledModule):
+    if isinstance(node, (PersistentRecord, PickledModuleDict)):
         return node.state
     raise EDMFormatError(f"unexpected module object in the network tree: {type(node).__name__}")
 
