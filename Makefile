@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test bench
+.PHONY: venv demo test bench record
 venv: $(VENV)/.installed
 
 # The venv is rebuilt when pyproject.toml changes; torch 2.14.1 is pinned there.
@@ -11,6 +11,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# The whole pipeline on the embedded toy default (config/config.yaml): report in reports/toy/index.html.
+demo: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake
+
+# After a successful Snakemake run: record its outputs in DVC (dvc.lock), so `dvc status` is clean.
+record: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc commit --force
 
 test: venv
 	$(PY) -m pytest -q

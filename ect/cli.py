@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from ect.sample import SAMPLE_SETS as SAMPLE_SET_NAMES
+
 EPILOG = "Run 'ect <step> --help' for the options of one step."
 
 
@@ -28,7 +30,7 @@ def cmd_convert_edm(args) -> int:
 def cmd_train(args) -> int:
     from ect.config import load_config, section
     from ect.train import TrainConfig, run_cli
-    cfg = TrainConfig.from_dict({**section(load_config(args.config), args.section or args.command, args.config),
+    cfg = TrainConfig.from_dict({**section(load_config(*args.config), args.section or args.command),
                                  "objective": args.objective})
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,10 +43,9 @@ def cmd_sample(args) -> int:
     from ect.checkpoint import load_network
     from ect.fileio import sha256_file
     from ect.sample import generate, nfe, parse_seeds, save_grid, save_samples
+    _sample_settings(args)
     seeds = parse_seeds(args.seeds)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = _setup(args)
     net = load_network(args.checkpoint, device=device)
     images = generate(net, seeds, sampler=args.sampler, steps=args.steps, t_mids=args.t_mid,
                       heun_steps=args.heun_steps, batch=args.batch, device=device, progress=not args.no_progress)
@@ -52,11 +53,37 @@ def cmd_sample(args) -> int:
             "steps": args.steps if args.sampler == "consistency" else args.heun_steps,
             "nfe": nfe(args.sampler, args.steps, args.heun_steps),
             "t_mid": list(args.t_mid[: args.steps - 1]) if args.sampler == "consistency" else []}
+    if args.set:
+        meta["set"] = args.set
     save_samples(args.out, images, seeds, meta)
     if args.grid:
         save_grid(args.grid, images)
     print(f"wrote {len(images)} samples ({meta['nfe']} NFE) to {args.out}", file=sys.stderr)
     return 0
+
+
+SAMPLE_FLAGS = {"seeds": "0-63", "sampler": "consistency", "steps": 1, "t_mid": [0.821], "heun_steps": 18, "batch": 256}
+
+
+def _sample_settings(args) -> None:
+    """Fill the sampler settings: from the config's 'sample' section for a named set, else from flags."""
+    given = [k for k in SAMPLE_FLAGS if getattr(args, k) is not None]
+    if args.config:
+        from ect.config import ConfigError, load_config
+        from ect.sample import SAMPLE_SETS
+        if not args.set:
+            raise ConfigError("--config needs --set (one of " + ", ".join(SAMPLE_SETS) + ")")
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} cannot be combined with --config: the config sets it")
+        cfg = load_config(*args.config)["sample"]
+        _, sampler, steps = SAMPLE_SETS[args.set]
+        settings = {"seeds": f"0-{cfg['sets'] * cfg['samples_per_set'] - 1}", "sampler": sampler,
+                    "steps": max(steps, 1), "t_mid": cfg["t_mid"], "heun_steps": cfg["heun_steps"], "batch": cfg["batch"]}
+    else:
+        settings = SAMPLE_FLAGS
+    for key, value in settings.items():
+        if getattr(args, key) is None or args.config:
+            setattr(args, key, value)
 
 
 def cmd_merge_samples(args) -> int:
@@ -67,16 +94,131 @@ def cmd_merge_samples(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
+    from ect.config import load_config
     from ect.data import save_dataset
     from ect.data.digits import digits_images
-    images, labels = digits_images(args.resolution)
+    cfg = load_config(*args.config)["dataset"]
+    images, labels = digits_images(cfg["resolution"])
     digest = save_dataset(args.out, images, labels)
     print(f"wrote {len(images)} images {images.shape[1:]} to {args.out} (content sha256 {digest})", file=sys.stderr)
     return 0
 
 
+def cmd_feature_net(args) -> int:
+    from ect.data import load_dataset
+    from ect.feature_net import train_feature_net
+    from ect.config import load_config
+    cfg = load_config(*args.config)["fid"]["feature_net"]
+    images, labels = load_dataset(args.data)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = train_feature_net(images, labels, args.out, seed=cfg.get("seed", 0), epochs=cfg.get("epochs", 15))
+    print(f"wrote {args.out}: held-out accuracy {meta['holdout_accuracy']:.4f}", file=sys.stderr)
+    return 0
+
+
+def cmd_fid_stats(args) -> int:
+    from ect.data import load_dataset
+    from ect.fid import compute_features, load_feature_net, save_stats, statistics
+    images, _ = load_dataset(args.data)
+    device = _setup(args)
+    net, meta, digest = load_feature_net(args.feature_net, args.feature_sha256, device)
+    feats = compute_features(images, net, meta.get("resolution", 299), device=device, progress=not args.no_progress)
+    mu, sigma = statistics(feats)
+    save_stats(args.out, mu, sigma, {"source": str(args.data), "images": len(images),
+                                     "dataset_sha256": _dataset_digest(args.data), "feature_net_sha256": digest,
+                                     "feature_dim": int(feats.shape[1]), "mode": "clean"})
+    print(f"wrote reference statistics of {len(images)} images to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _setup(args) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return _device(args.device)
+
+
+def _dataset_digest(path) -> str:
+    import numpy as np
+    with np.load(path, allow_pickle=False) as f:
+        return str(f["content_sha256"])
+
+
+def _feature_setup(args, device):
+    """Load the reference statistics and the feature network; refuse a pair that does not belong together."""
+    from ect.fid import FIDError, load_feature_net, load_stats
+    mu, sigma, ref_meta = load_stats(args.ref)
+    net, meta, digest = load_feature_net(args.feature_net, args.feature_sha256, device)
+    if ref_meta.get("feature_net_sha256") != digest:
+        raise FIDError(f"reference statistics {args.ref} were computed with another feature network "
+                       f"({ref_meta.get('feature_net_sha256')}) than {args.feature_net} ({digest})")
+    return (mu, sigma, ref_meta), (net, meta.get("resolution", 299), digest)
+
+
+def cmd_fid(args) -> int:
+    import json
+    from ect.config import load_config
+    from ect.fid import compute_features, fid_of_sets
+    from ect.fileio import sha256_file, write_text_atomic
+    from ect.sample import load_samples
+    device = _setup(args)
+    sets = load_config(*args.config)["sample"]["sets"] if args.config else args.sets
+    images, seeds, sample_meta = load_samples(args.samples)
+    (mu, sigma, ref_meta), (net, size, digest) = _feature_setup(args, device)
+    feats = compute_features(images, net, size, device=device, progress=not args.no_progress)
+    fids = fid_of_sets(feats, mu, sigma, sets)
+    result = {"fid_min": min(fids), "fid_mean": sum(fids) / len(fids), "fid_sets": fids, "sets": sets,
+              "samples_per_set": len(images) // sets, "seeds": [int(seeds[0]), int(seeds[-1])],
+              "samples_sha256": sha256_file(args.samples), "feature_net_sha256": digest, "mode": "clean",
+              "reference": ref_meta, **{k: sample_meta[k] for k in ("set", "sampler", "steps", "nfe", "t_mid",
+                                                                    "checkpoint_sha256") if k in sample_meta}}
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    print(f"FID {result['fid_min']:.3f} (min of {sets}), {result['fid_mean']:.3f} (mean) -> {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_fid_curve(args) -> int:
+    import json
+    from pathlib import Path
+    from ect.checkpoint import load_network, read_checkpoint
+    from ect.config import load_config
+    from ect.fid import FIDError, compute_features, fid_of_sets
+    from ect.fileio import write_text_atomic
+    from ect.sample import generate
+    from tqdm import tqdm
+    cfg = load_config(*args.config)
+    device = _setup(args)
+    (mu, sigma, _), (fnet, size, digest) = _feature_setup(args, device)
+    snapshots = sorted(Path(args.snapshots).glob("*.pt"))
+    if not snapshots:
+        raise FIDError(f"no snapshots (*.pt) in {args.snapshots}")
+    seeds = list(range(cfg["fid"]["curve_samples"]))
+    points = []
+    for path in tqdm(snapshots, desc="snapshots", disable=args.no_progress):
+        net = load_network(path, device=device)
+        point = {"snapshot": path.name, "kimg": read_checkpoint(path)["meta"].get("kimg")}
+        for steps in cfg["fid"]["curve_steps"]:
+            images = generate(net, seeds, steps=steps, t_mids=cfg["sample"]["t_mid"], batch=cfg["sample"]["batch"],
+                              device=device, progress=False)
+            point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, fnet, size, device=device), mu, sigma, 1)[0]
+        points.append(point)
+        print(json.dumps(point), file=sys.stderr, flush=True)
+    write_text_atomic(args.out, json.dumps({"samples": len(seeds), "feature_net_sha256": digest, "points": points},
+                                           indent=1) + "\n")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ect.config import load_config
+    from ect.report import build_report
+    out = build_report(load_config(*args.config), list(args.config), args.results, args.data, args.out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def _train_args(p: argparse.ArgumentParser, with_teacher: bool) -> None:
-    p.add_argument("--config", required=True, help="preset YAML (e.g. config/config.yaml)")
+    config_arg(p)
     p.add_argument("--section", help="config section to read (default: 'tune' or 'pretrain')")
     p.add_argument("--data", required=True, help="dataset .npz written by 'ect' (uint8 images + labels)")
     if with_teacher:
@@ -102,6 +244,17 @@ RESUME_HELP = (" Resumable: rerun the same command to continue. Exit 75 when sto
                "saving state, 1 when the loss diverges (the last good state is kept).")
 
 
+def config_arg(p, required=True) -> None:
+    p.add_argument("--config", nargs="+", required=required, metavar="YAML",
+                   help="preset, then overlays, merged in order and validated (e.g. config/config.yaml)")
+
+
+def device_args(p) -> None:
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ect", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,11 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="expected sha256 of SRC; a mismatch is an error and nothing is written")
     p.set_defaults(func=cmd_convert_edm)
 
-    p = sub.add_parser("prepare-data", help="write a dataset in our format (uint8 NHWC .npz + content hash)",
-                       description="Write a dataset in our on-disk format. 'digits': scikit-learn's bundled 8x8 "
-                                   "handwritten digits (real images, no download) upsampled to RGB at --resolution.")
-    p.add_argument("--source", choices=["digits"], default="digits")
-    p.add_argument("--resolution", type=int, default=16, help="output resolution, a multiple of 8 (default 16)")
+    p = sub.add_parser("prepare-data", help="write the config's dataset in our format (uint8 NHWC .npz + content hash)",
+                       description="Write the dataset named in the config's 'dataset' section in our on-disk format. "
+                                   "'digits': scikit-learn's bundled 8x8 handwritten digits (real images, no download) "
+                                   "upsampled by pixel replication to RGB at 'resolution'.")
+    config_arg(p)
     p.add_argument("--out", required=True, help="output .npz")
     p.set_defaults(func=cmd_prepare_data)
 
@@ -131,21 +284,80 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate images (consistency 1/2-step, or the teacher's Heun sampler)",
                        description="Generate images; image i uses a generator seeded with i, so any seed subset is "
-                                   "reproducible and jobs can be split and merged. Writes uint8 NHWC .npz (+ PNG grid).")
+                                   "reproducible and jobs can be split and merged. Writes uint8 NHWC .npz (+ PNG grid). "
+                                   "With --config and --set, the sampler settings come from the config's 'sample' "
+                                   "section (the pipeline's way); otherwise from the flags.")
     p.add_argument("--checkpoint", required=True, help="our checkpoint (.pt)")
     p.add_argument("--out", required=True, help="output .npz (images uint8 NHWC, seeds, meta)")
     p.add_argument("--grid", help="also write a PNG grid of the first 64 images")
-    p.add_argument("--seeds", default="0-63", help="seed list, e.g. '0-49999' or '0-99,200-299' (default 0-63)")
-    p.add_argument("--sampler", choices=["consistency", "heun"], default="consistency")
-    p.add_argument("--steps", type=int, default=1, help="consistency steps (1 or more)")
-    p.add_argument("--t-mid", type=float, nargs="+", default=[0.821],
-                   help="intermediate times for multi-step sampling (default 0.821, CIFAR-10)")
-    p.add_argument("--heun-steps", type=int, default=18, help="Heun steps (18 -> 35 evaluations, EDM CIFAR-10)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    config_arg(p, required=False)
+    p.add_argument("--set", choices=list(SAMPLE_SET_NAMES), help="which of the pipeline's sample sets (with --config)")
+    p.add_argument("--seeds", help="seed list, e.g. '0-49999' or '0-99,200-299' (default 0-63)")
+    p.add_argument("--sampler", choices=["consistency", "heun"], help="default consistency")
+    p.add_argument("--steps", type=int, help="consistency steps (default 1)")
+    p.add_argument("--t-mid", type=float, nargs="+", help="intermediate times for multi-step sampling (default 0.821)")
+    p.add_argument("--heun-steps", type=int, help="Heun steps (default 18 -> 35 evaluations, EDM CIFAR-10)")
+    p.add_argument("--batch", type=int, help="default 256")
+    device_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("feature-net", help="train the toy FID feature network (a digits classifier, fixed seed)",
+                       description="Train a small CNN classifier on the dataset (80%% train, 20%% held out; seed and "
+                                   "epochs from the config's fid.feature_net) and save its 64-d penultimate features "
+                                   "as TorchScript with the Inception interface: float images (N, 3, H, W) in "
+                                   "[0, 255] -> (N, 64).")
+    config_arg(p)
+    p.add_argument("--data", required=True, help="dataset .npz")
+    p.add_argument("--out", required=True, help="TorchScript file to write")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_feature_net)
+
+    def feature_args(p):
+        p.add_argument("--ref", required=True, help="reference statistics from 'ect fid-stats'")
+        p.add_argument("--feature-net", required=True, help="TorchScript feature network (.pt)")
+        p.add_argument("--feature-sha256", help="expected sha256 of the feature network; checked before loading")
+        p.add_argument("--out", required=True, help="result .json")
+
+    p = sub.add_parser("fid-stats", help="reference FID statistics (mean, covariance) of a dataset",
+                       description="Features of every image of the dataset, then their mean and covariance (float64).")
+    p.add_argument("--data", required=True, help="dataset .npz")
+    p.add_argument("--out", required=True, help="statistics .npz (mu, sigma, meta)")
+    p.add_argument("--feature-net", required=True, help="TorchScript feature network (.pt)")
+    p.add_argument("--feature-sha256", help="expected sha256 of the feature network; checked before loading")
+    device_args(p)
+    p.set_defaults(func=cmd_fid_stats)
+
+    p = sub.add_parser("fid", help="FID of a sample file against reference statistics (min and mean over sets)",
+                       description="Split the samples (ordered by seed) into equal sets (--sets, or the config's "
+                                   "sample.sets), compute the FID of each against the reference, and write min, mean "
+                                   "and every value as JSON.")
+    p.add_argument("--samples", required=True, help="samples .npz from 'ect sample'")
+    feature_args(p)
+    sets = p.add_mutually_exclusive_group(required=True)
+    sets.add_argument("--config", nargs="+", metavar="YAML", help="preset (+ overlays): the number of sets")
+    sets.add_argument("--sets", type=int, help="number of sample sets")
+    device_args(p)
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("fid-curve", help="FID of every training snapshot (FID against training budget)",
+                       description="Sample every snapshot in a directory with the consistency sampler (fid.curve_steps "
+                                   "steps, seeds 0..fid.curve_samples-1) and score it against the reference; one JSON "
+                                   "with a point per snapshot.")
+    config_arg(p)
+    p.add_argument("--snapshots", required=True, help="directory of snapshot checkpoints (*.pt)")
+    feature_args(p)
+    device_args(p)
+    p.set_defaults(func=cmd_fid_curve)
+
+    p = sub.add_parser("report", help="the run's HTML report (FID table, grids, curves, protocol, provenance)",
+                       description="Render the report of one run from its results directory with Jinja2. The page "
+                                   "and its images go to the output's directory, which is replaced as a whole; "
+                                   "everything is local, so it reads offline.")
+    config_arg(p)
+    p.add_argument("--results", required=True, help="the run's results directory (results/<run>)")
+    p.add_argument("--data", required=True, help="the dataset .npz (its hashes go into the provenance)")
+    p.add_argument("--out", required=True, help="output HTML, e.g. reports/<run>/index.html")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("merge-samples", help="merge sample files from split jobs (ordered by seed)",
                        description="Concatenate .npz sample files of the same model and sampler; seeds must not overlap.")

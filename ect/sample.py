@@ -105,6 +105,15 @@ def generate(net, seeds, sampler: str = "consistency", steps: int = 1, t_mids=(0
     return np.concatenate(out) if out else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
 
 
+# The sample sets the pipeline draws: name -> (which checkpoint, sampler, consistency steps).
+SAMPLE_SETS = {
+    "teacher-1step": ("teacher", "consistency", 1),  # the teacher used as a 1-step model: what ECT improves on
+    "teacher-heun": ("teacher", "heun", 0),  # the teacher's own sampler: the diffusion baseline
+    "ect-1step": ("tuned", "consistency", 1),
+    "ect-2step": ("tuned", "consistency", 2),
+}
+
+
 def nfe(sampler: str, steps: int, heun_steps: int = 18) -> int:
     return steps if sampler == "consistency" else 2 * heun_steps - 1
 
@@ -136,8 +145,9 @@ def merge_samples(paths) -> tuple[np.ndarray, np.ndarray, dict]:
     return images[order], seeds[order], parts[0][2]
 
 
-def save_grid(path, images: np.ndarray, columns: int = 8) -> None:
-    """The first rows·columns images as one PNG grid."""
+def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64) -> None:
+    """The first rows·columns images as one PNG grid; images under ``min_size`` pixels are enlarged
+    by pixel replication (16×16 digits would be unreadable otherwise)."""
     n = min(len(images), columns * columns)
     if n == 0:
         raise ValueError("no images for a grid")
@@ -148,6 +158,8 @@ def save_grid(path, images: np.ndarray, columns: int = 8) -> None:
     for i in range(n):
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    scale = max(1, -(-min_size // h))
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     buf = io.BytesIO()
     img.save(buf, format="PNG")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,10 +32,19 @@ def make_teacher(path, seed=0, **arch):
     return path
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy_config() -> dict:
+    return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
 def write_config(path, tune=None, pretrain=None):
+    """The toy preset with small 'tune' and 'pretrain' sections (replaced whole, not merged)."""
     base = dict(kimg=0.32, batch=8, lr=1e-3, tick_kimg=0.04, state_kimg=0.04, ema_beta=0.9, arch={"dropout": 0.0},
                 loss={"double": 10})
-    cfg = {"tune": {**base, **(tune or {})},
+    cfg = {**toy_config(),
+           "tune": {**base, **(tune or {})},
            "pretrain": {**base, "arch": {k: v for k, v in TINY_ARCH.items() if k not in ("kind", "img_resolution", "img_channels")},
                         "loss": {}, **(pretrain or {})}}
     path.write_text(yaml.safe_dump(cfg))

@@ -1,0 +1,25 @@
+rule report:
+    """The HTML report: FID against the paper, sample grids, curves, protocol, provenance."""
+    input:
+        fid=expand(f"{RESULTS}/fid/{{set}}.json", set=SAMPLE_SETS),
+        grids=expand(f"{RESULTS}/samples/{{set}}.png", set=SAMPLE_SETS),
+        curve=f"{RESULTS}/fid/curve.json",
+        logs=[f"{RESULTS}/pretrain-log.jsonl", f"{RESULTS}/train-log.jsonl"],
+        checkpoints=[TEACHER, TUNED],
+        data=DATASET,
+    output:
+        REPORT,
+    conda:
+        "../envs/ect.yaml"
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{BENCH}/report.tsv"
+    params:
+        results=lambda wildcards, input: os.path.dirname(input.checkpoints[0]),
+        config=CONFIG,
+        report=config["report"],
+    resources:
+        **resources_of("report"),
+    shell:
+        "ect report --config {params.config} --results {params.results} --data {input.data} --out {output} > {log} 2>&1"
