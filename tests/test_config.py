@@ -1,0 +1,45 @@
+import pytest
+import yaml
+
+from ect.config import ConfigError, load_config, merge
+from helpers import ROOT, run_ect
+
+TOY = ROOT / "config" / "config.yaml"
+
+
+def overlay(tmp_path, data):
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_toy_preset_is_valid_and_overlays_merge_like_snakemake(tmp_path):
+    cfg = load_config(TOY, overlay(tmp_path, {"tune": {"kimg": 1, "arch": {"dropout": 0.3}}, "sample": {"t_mid": [1.0]}}))
+    assert cfg["tune"]["kimg"] == 1 and cfg["tune"]["arch"] == {"dropout": 0.3} and cfg["tune"]["batch"] == 64
+    assert cfg["sample"]["t_mid"] == [1.0]  # lists are replaced
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"tune": {"lrr": 1}}, "unknown key 'lrr' in tune"),
+    ({"tune": {"lr": "fast"}}, "tune.lr: 'fast' is not of type 'number'"),
+    ({"tune": {"loss": {"q": 0.5}}}, "tune.loss.q: 0.5 is less than the minimum of 1"),
+    ({"dataset": {"resolution": 12}}, "dataset.resolution: 12 is not a multiple of 8"),
+    ({"run": "a b"}, "run: 'a b' does not match"),
+    ({"resources": {"tunee": {"runtime": 1}}}, "resources: 'tunee' is not one of"),
+    ({"extra": 1}, "unknown key 'extra' in top level"),
+])
+def test_bad_key_or_value_is_one_error_naming_it(tmp_path, data, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TOY, overlay(tmp_path, data))
+    assert message in str(err.value)
+    assert "overlay.yaml" in str(err.value)
+
+
+def test_cli_reports_a_bad_config_and_writes_nothing(tmp_path):
+    proc = run_ect("prepare-data", "--config", TOY, overlay(tmp_path, {"dataset": {"source": "imagenet"}}),
+                   "--out", tmp_path / "d.npz", check=False)
+    assert proc.returncode == 2 and "dataset.source: 'imagenet' is not one of ['digits']" in proc.stderr
+    assert not (tmp_path / "d.npz").exists()
+    proc = run_ect("prepare-data", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "d.npz", check=False)
+    assert proc.returncode == 2 and "cannot read config" in proc.stderr

@@ -1,0 +1,121 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ect.fid import (FIDError, compute_features, fid_of_sets, frechet_distance, load_feature_net, load_stats,
+                     save_stats, statistics)
+from ect.fileio import ChecksumError, sha256_file
+from helpers import make_dataset, run_ect, write_config
+
+
+def random_stats(rng, d, n=400):
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_frechet_distance_matches_clean_fid_and_the_closed_form():
+    from cleanfid.fid import frechet_distance as cleanfid_fd
+    rng = np.random.default_rng(0)
+    for d in (2, 8, 64):  # clean-fid fails on 1x1 (scipy returns no error estimate there)
+        (m1, s1), (m2, s2) = random_stats(rng, d), random_stats(rng, d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy's sqrtm(disp=) deprecation inside clean-fid
+            ref = cleanfid_fd(m1, s1, m2, s2)
+        assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-7, abs=1e-8)
+    # diagonal covariances: |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2 exactly
+    a, b = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    m1, m2 = rng.normal(size=16), rng.normal(size=16)
+    expected = ((m1 - m2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_of_identical_statistics_is_zero_not_negative():
+    m, s = random_stats(np.random.default_rng(1), 32)
+    assert frechet_distance(m, s, m, s) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(m, s, m, s) >= 0.0
+    with pytest.raises(FIDError, match="different dimensions"):
+        frechet_distance(m, s, m[:3], s[:3, :3])
+
+
+def test_fid_of_sets_splits_in_seed_order():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(30, 4))
+    mu, sigma = statistics(rng.normal(size=(100, 4)))
+    fids = fid_of_sets(feats, mu, sigma, 3)
+    assert fids == [frechet_distance(*statistics(feats[i * 10:(i + 1) * 10]), mu, sigma) for i in range(3)]
+    with pytest.raises(FIDError, match="cannot split"):
+        fid_of_sets(feats[:5], mu, sigma, 3)
+
+
+def test_stats_round_trip(tmp_path):
+    mu, sigma = statistics(np.random.default_rng(3).normal(size=(10, 3)))
+    save_stats(tmp_path / "s.npz", mu, sigma, {"images": 10})
+    m2, s2, meta = load_stats(tmp_path / "s.npz")
+    assert np.array_equal(m2, mu) and np.array_equal(s2, sigma) and meta == {"images": 10}
+    with pytest.raises(FIDError, match="cannot read"):
+        load_stats(tmp_path / "missing.npz")
+
+
+@pytest.fixture(scope="module")
+def feature_setup(tmp_path_factory):
+    """A dataset of real digits, the feature net trained on it (1 epoch) and its reference statistics."""
+    tmp = tmp_path_factory.mktemp("fid")
+    config = write_config(tmp / "c.yaml")
+    cfg = __import__("yaml").safe_load(config.read_text())
+    cfg["fid"]["feature_net"]["epochs"] = 2
+    config.write_text(__import__("yaml").safe_dump(cfg))
+    run_ect("prepare-data", "--config", config, "--out", tmp / "data.npz")
+    run_ect("feature-net", "--config", config, "--data", tmp / "data.npz", "--out", tmp / "f.pt")
+    run_ect("fid-stats", "--data", tmp / "data.npz", "--feature-net", tmp / "f.pt", "--out", tmp / "ref.npz",
+            "--no-progress")
+    return tmp, config
+
+
+def test_feature_net_is_torchscript_with_the_inception_interface_and_deterministic(feature_setup, tmp_path):
+    tmp, config = feature_setup
+    net, meta, digest = load_feature_net(tmp / "f.pt", sha256_file(tmp / "f.pt"))
+    assert meta["resolution"] == 16 and meta["seed"] == 0 and meta["epochs"] == 2
+    assert meta["holdout_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    out = net(torch.rand(5, 3, 16, 16) * 255)
+    assert out.shape == (5, 64) and out.dtype == torch.float32
+    run_ect("feature-net", "--config", config, "--data", tmp / "data.npz", "--out", tmp_path / "again.pt")
+    again, _, _ = load_feature_net(tmp_path / "again.pt")
+    x = torch.rand(7, 3, 16, 16) * 255
+    assert torch.equal(net(x), again(x))
+    with pytest.raises(ChecksumError):
+        load_feature_net(tmp / "f.pt", "0" * 64)
+
+
+def test_fid_of_the_dataset_itself_is_near_zero_and_of_noise_is_large(feature_setup, tmp_path):
+    from ect.data import load_dataset
+    from ect.sample import save_samples
+    tmp, config = feature_setup
+    images, _ = load_dataset(tmp / "data.npz")
+    noise = np.random.default_rng(0).integers(0, 256, size=images.shape, dtype=np.uint8)
+    for name, imgs in (("real", images[:1500]), ("noise", noise[:1500])):
+        save_samples(tmp_path / f"{name}.npz", imgs, np.arange(1500), {"sampler": "test", "steps": 1, "nfe": 1})
+        run_ect("fid", "--samples", tmp_path / f"{name}.npz", "--ref", tmp / "ref.npz", "--feature-net", tmp / "f.pt",
+                "--sets", "3", "--out", tmp_path / f"{name}.json", "--no-progress")
+    real, noise_r = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("real", "noise"))
+    assert len(real["fid_sets"]) == 3 and real["samples_per_set"] == 500 and real["seeds"] == [0, 1499]
+    assert real["fid_min"] < 0.05 * noise_r["fid_min"]
+    # the same computation by hand
+    net, meta, _ = load_feature_net(tmp / "f.pt")
+    mu, sigma, _ = load_stats(tmp / "ref.npz")
+    feats = compute_features(images[:500], net, 16)
+    assert real["fid_sets"][0] == pytest.approx(frechet_distance(*statistics(feats), mu, sigma), rel=1e-9)
+
+
+def test_fid_refuses_statistics_from_another_feature_network(feature_setup, tmp_path):
+    tmp, _ = feature_setup
+    mu, sigma, meta = load_stats(tmp / "ref.npz")
+    save_stats(tmp_path / "other.npz", mu, sigma, {**meta, "feature_net_sha256": "0" * 64})
+    from ect.sample import save_samples
+    save_samples(tmp_path / "s.npz", np.zeros((4, 16, 16, 3), np.uint8), np.arange(4), {"nfe": 1})
+    proc = run_ect("fid", "--samples", tmp_path / "s.npz", "--ref", tmp_path / "other.npz", "--feature-net",
+                   tmp / "f.pt", "--sets", "1", "--out", tmp_path / "x.json", check=False)
+    assert proc.returncode == 2 and "another feature network" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,274 @@
+"""The pipeline end to end: the toy default through Snakemake (the README's command) and DVC.
+
+One Snakemake run of the real toy default is shared by the tests of this module (session
+fixture, about 4 minutes on 2 cores); the DVC run uses a shrunk config to stay fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SETS = ["teacher-1step", "teacher-heun", "ect-1step", "ect-2step"]
+
+
+def env():
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd, cwd, check=True, timeout=900):
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def clone_repo(dst: Path) -> Path:
+    """A copy of the working tree (tracked and new files, nothing ignored) as a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "snapshot"]):
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    return dst
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tracked_outputs(repo: Path) -> dict[str, str]:
+    """Every file DVC tracks in the repo (from dvc.lock), with its sha256."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    out = {}
+    for stage in lock["stages"].values():
+        for o in stage.get("outs", []):
+            path = repo / o["path"]
+            for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+                if f.name != ".snakemake_timestamp":
+                    out[str(f.relative_to(repo))] = sha256(f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """The README's first command, `snakemake` from the repo root, on the embedded toy default."""
+    repo = clone_repo(tmp_path_factory.mktemp("toy"))
+    start = time.perf_counter()
+    proc = run(["snakemake"], repo, timeout=1200)
+    wall = time.perf_counter() - start
+    print(f"toy pipeline through Snakemake: {wall:.0f} s", file=sys.stderr)
+    return repo, wall, proc
+
+
+def fid(repo, name):
+    return json.loads((repo / "results" / "toy" / "fid" / f"{name}.json").read_text())
+
+
+def test_toy_run_finishes_within_five_minutes_and_ect_beats_the_teacher_at_one_step(toy_run):
+    repo, wall, _ = toy_run
+    assert wall < 300, f"toy pipeline took {wall:.0f} s"
+    teacher, ect1, ect2 = fid(repo, "teacher-1step"), fid(repo, "ect-1step"), fid(repo, "ect-2step")
+    # The point of ECT: the tuned model at 1 step is far better than the teacher used at 1 step, in every set.
+    assert max(ect1["fid_sets"]) < 0.8 * min(teacher["fid_sets"]), (ect1, teacher)
+    assert ect2["fid_mean"] < ect1["fid_mean"]
+    assert (ect1["nfe"], ect2["nfe"], teacher["nfe"], fid(repo, "teacher-heun")["nfe"]) == (1, 2, 1, 11)
+    assert ect1["sets"] == 3 and ect1["samples_per_set"] == 512 and ect1["seeds"] == [0, 1535]
+    for name in SETS:
+        r = fid(repo, name)
+        assert r["fid_min"] == min(r["fid_sets"]) and abs(r["fid_mean"] - sum(r["fid_sets"]) / 3) < 1e-9
+    # every rule left a log and a benchmark file
+    for rule in ["dataset", "feature_net", "fid_reference", "pretrain", "tune", "fid_curve", "report"]:
+        assert (repo / "results/toy/logs" / f"{rule}.log").exists()
+        assert (repo / "results/toy/benchmarks" / f"{rule}.tsv").exists()
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_parses_references_only_existing_local_files_and_shows_the_numbers(toy_run):
+    repo, _, _ = toy_run
+    page = repo / "reports" / "toy" / "index.html"
+    parser = _Refs()
+    parser.feed(page.read_text())
+    text = " ".join(parser.text)
+    assert len(parser.refs) >= 6
+    for ref in parser.refs:
+        assert not re.match(r"^[a-z]+://", ref), f"report loads {ref} from the network"
+        assert (page.parent / ref).is_file(), f"report references missing file {ref}"
+    for name in SETS:
+        assert f"{fid(repo, name)['fid_min']:.2f}" in text
+    assert "not comparable" in text
+    assert fid(repo, "ect-1step")["feature_net_sha256"] in text
+    assert sha256(repo / "results/toy/tuned.pt") in text
+    assert "tune" in text and "wall time" in text  # per-rule runtimes from the benchmark files
+    curve = json.loads((repo / "results/toy/fid/curve.json").read_text())
+    assert [p["kimg"] for p in curve["points"]] == sorted(p["kimg"] for p in curve["points"]) and len(curve["points"]) == 4
+
+
+def test_report_screenshot_in_headless_chromium_is_not_blank(toy_run, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("ECT_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is required (ECT_REQUIRE_CHROMIUM is set) but not installed")
+        pytest.skip("chromium not installed (.ci/run installs it)")
+    from PIL import Image
+    repo, _, _ = toy_run
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
+                    (repo / "reports/toy/index.html").as_uri()], check=True, capture_output=True, timeout=120)
+    img = Image.open(shot).convert("L")
+    hist = img.histogram()
+    assert max(hist) < 0.97 * sum(hist), "screenshot is (almost) one colour"
+    assert img.getextrema()[0] < 64, "no dark pixels: nothing rendered"
+
+
+def test_second_run_does_nothing(toy_run):
+    repo, _, _ = toy_run
+    assert "Nothing to be done" in run(["snakemake", "-n"], repo).stdout
+
+
+def _mtimes(repo):
+    return {str(p.relative_to(repo)): p.stat().st_mtime_ns for p in (repo / "results").rglob("*")
+            if p.is_file() and "/logs/" not in str(p) and "/benchmarks/" not in str(p)}
+
+
+def test_forcerun_reruns_the_rule_and_its_dependents_only(toy_run):
+    repo, _, _ = toy_run
+    dry = run(["snakemake", "-n", "--forcerun", "fid"], repo).stdout
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.split("Job stats:")[1].split("Reasons")[0], re.M))
+    assert jobs == {"fid": "4", "report": "1", "all": "1", "total": "6"}, jobs
+    before = _mtimes(repo)
+    run(["snakemake", "--forcerun", "fid"], repo)
+    after = _mtimes(repo)
+    changed = {k for k in before if after.get(k) != before[k]}
+    assert changed == {f"results/toy/fid/{s}.json" for s in SETS}
+    assert "Nothing to be done" in run(["snakemake", "-n"], repo).stdout
+
+
+def test_bad_config_key_or_value_stops_snakemake_with_one_clear_error(toy_run, tmp_path):
+    repo, _, _ = toy_run
+    for overlay, expected in [({"tune": {"lrr": 0.1}}, "unknown key 'lrr' in tune"),
+                              ({"sample": {"sets": 0}}, "sample.sets: 0 is less than the minimum of 1")]:
+        path = tmp_path / "overlay.yaml"
+        path.write_text(yaml.safe_dump(overlay))
+        proc = run(["snakemake", "-n", "--configfile", "config/config.yaml", str(path)], repo, check=False)
+        assert proc.returncode != 0
+        assert expected in proc.stdout + proc.stderr
+
+
+def test_lint_and_snakemake_report_are_clean(toy_run, tmp_path):
+    repo, _, _ = toy_run
+    lint = run(["snakemake", "--lint"], repo, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    run(["snakemake", "--report", str(tmp_path / "smk-report.html")], repo)
+    assert (tmp_path / "smk-report.html").stat().st_size > 10_000
+
+
+def snakemake_jobs(repo) -> list[dict]:
+    """Every job of a forced dry run: rule, inputs, outputs and shell command (without the log redirect)."""
+    out = run(["snakemake", "-n", "-p", "--forceall"], repo).stdout
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        cmd = re.search(r"^Shell command: (.*)$", block, re.M)
+        if not m or not cmd:
+            continue
+        field = lambda name: [s.strip() for s in (re.search(rf"^    {name}: (.*)$", block, re.M) or [None, ""])[1].split(",") if s.strip()]
+        jobs.append({"rule": m[1], "cmd": re.sub(r" > \S+ 2>&1$", "", cmd[1].strip()), "deps": set(field("input")),
+                     "outs": set(field("output"))})
+    return jobs
+
+
+def dvc_stages(repo) -> list[dict]:
+    from dvc.repo import Repo
+    with Repo(str(repo)) as dvc:
+        return [{"name": s.addressing, "cmd": " ".join(s.cmd.split()), "deps": {d.def_path for d in s.deps},
+                 "outs": {o.def_path for o in s.outs}} for s in dvc.index.stages]
+
+
+def test_dvc_yaml_and_snakemake_rules_run_the_same_commands_on_the_same_files(toy_run):
+    repo, _, _ = toy_run
+    jobs, stages = snakemake_jobs(repo), dvc_stages(repo)
+    assert len(jobs) == len(stages) == 15
+    by_cmd = {s["cmd"]: s for s in stages}
+    for job in jobs:
+        stage = by_cmd.get(job["cmd"])
+        assert stage is not None, f"no DVC stage runs Snakemake's {job['rule']} command:\n{job['cmd']}"
+        params = {d for d in stage["deps"] if d.endswith(".yaml")}
+        assert stage["deps"] - params == job["deps"], (job["rule"], stage["deps"], job["deps"])
+        # DVC tracks the report's directory; Snakemake names the page in it
+        assert stage["outs"] == job["outs"] or {str(Path(o).parent) for o in job["outs"]} == stage["outs"], job
+
+
+def test_dvc_commit_after_snakemake_then_status_clean_repro_nothing_and_remote_round_trip(toy_run, tmp_path):
+    repo, _, _ = toy_run
+    run(["dvc", "commit", "--force"], repo)  # what `make record` runs
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    repro = run(["dvc", "repro"], repo).stdout
+    assert "Running stage" not in repro, repro
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for stage in ["dataset", "pretrain", "tune", "fid@ect-1step"]:
+        assert all(o.get("md5") for o in lock["stages"][stage]["outs"]), stage
+    assert "fid_min" in run(["dvc", "metrics", "show"], repo).stdout
+
+    before = tracked_outputs(repo)
+    assert len(before) > 20
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    run(["dvc", "push"], repo)
+    for name in before:
+        (repo / name).unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    run(["dvc", "pull"], repo)
+    assert tracked_outputs(repo) == before
+
+
+def test_dvc_repro_runs_the_pipeline_and_single_stages(tmp_path):
+    """`dvc repro` from nothing on a shrunk toy config; then `dvc repro -f -s <stage>` reruns that stage only."""
+    repo = clone_repo(tmp_path / "repo")
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+    cfg["pretrain"].update(kimg=0.5, tick_kimg=0.25)
+    cfg["tune"].update(kimg=0.5, tick_kimg=0.25, snapshot_kimg=0.25, loss={**cfg["tune"]["loss"], "double": 4})
+    cfg["sample"].update(samples_per_set=64, heun_steps=2)
+    cfg["fid"].update(curve_samples=64, feature_net={**cfg["fid"]["feature_net"], "epochs": 1})
+    (repo / "config/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run(["dvc", "repro"], repo, timeout=900)
+    assert (repo / "reports/toy/index.html").exists()
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) >= {"dataset", "pretrain", "tune", "report", "fid@ect-2step", "sample@teacher-heun"}
+    before = _mtimes(repo)
+    out = run(["dvc", "repro", "-f", "-s", "fid_curve"], repo).stdout
+    assert re.findall(r"Running stage '([^']+)'", out) == ["fid_curve"]
+    changed = {k for k, v in _mtimes(repo).items() if before.get(k) != v}
+    assert changed == {"results/toy/fid/curve.json"}
