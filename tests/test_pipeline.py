@@ -202,7 +202,7 @@ def snakemake_jobs(repo) -> list[dict]:
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         m = re.match(r"(?:local)?rule (\w+):", block)
         cmd = re.search(r"^Shell command: (.*)$", block, re.M)
-        if not m or not cmd:
+        if not m or not cmd or cmd[1].strip() == "None":  # rule all has no command
             continue
         field = lambda name: [s.strip() for s in (re.search(rf"^    {name}: (.*)$", block, re.M) or [None, ""])[1].split(",") if s.strip()]
         jobs.append({"rule": m[1], "cmd": re.sub(r" > \S+ 2>&1$", "", cmd[1].strip()), "deps": set(field("input")),
@@ -272,3 +272,31 @@ def test_dvc_repro_runs_the_pipeline_and_single_stages(tmp_path):
     assert re.findall(r"Running stage '([^']+)'", out) == ["fid_curve"]
     changed = {k for k, v in _mtimes(repo).items() if before.get(k) != v}
     assert changed == {"results/toy/fid/curve.json"}
+
+
+def test_a_killed_step_leaves_no_output_and_a_failed_report_keeps_the_old_one(toy_run, tmp_path, monkeypatch):
+    repo, _, _ = toy_run
+    out = tmp_path / "s.npz"
+    proc = subprocess.Popen([str(BIN / "ect"), "sample", "--checkpoint", str(repo / "results/toy/teacher.pt"),
+                             "--out", str(out), "--sampler", "heun", "--seeds", "0-99999", "--no-progress"],
+                            cwd=repo, env=env(), stderr=subprocess.PIPE)
+    time.sleep(8)
+    proc.kill()
+    proc.wait()
+    assert not out.exists() and list(tmp_path.glob("*.npz")) == []
+
+    from ect.config import load_config
+    from ect.report import build_report, plots
+    page = repo / "reports/toy/index.html"
+    before = sha256(page)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(plots, "fid_curve", broken)
+    monkeypatch.chdir(repo)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        build_report(load_config("config/config.yaml"), ["config/config.yaml"], "results/toy",
+                     "resources/datasets/digits-16/dataset.npz", "reports/toy/index.html")
+    assert sha256(page) == before
+    assert [p.name for p in (repo / "reports").iterdir() if p.name.startswith(".toy")] == []  # no temporary left
