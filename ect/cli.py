@@ -312,18 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_feature_net)
 
-    def feature_args(p):
-        p.add_argument("--ref", required=True, help="reference statistics from 'ect fid-stats'")
+    def feature_args(p, scoring=True):
+        """The feature network; for scoring steps also the reference statistics and the JSON result."""
         p.add_argument("--feature-net", required=True, help="TorchScript feature network (.pt)")
         p.add_argument("--feature-sha256", help="expected sha256 of the feature network; checked before loading")
-        p.add_argument("--out", required=True, help="result .json")
+        if scoring:
+            p.add_argument("--ref", required=True, help="reference statistics from 'ect fid-stats'")
+            p.add_argument("--out", required=True, help="result .json")
 
     p = sub.add_parser("fid-stats", help="reference FID statistics (mean, covariance) of a dataset",
                        description="Features of every image of the dataset, then their mean and covariance (float64).")
     p.add_argument("--data", required=True, help="dataset .npz")
     p.add_argument("--out", required=True, help="statistics .npz (mu, sigma, meta)")
-    p.add_argument("--feature-net", required=True, help="TorchScript feature network (.pt)")
-    p.add_argument("--feature-sha256", help="expected sha256 of the feature network; checked before loading")
+    feature_args(p, scoring=False)
     device_args(p)
     p.set_defaults(func=cmd_fid_stats)
 

@@ -5,7 +5,7 @@ import torch
 from ect.checkpoint import load_network
 from ect.sample import (SeededNoise, consistency_sampler, generate, heun_sampler, heun_sigmas, load_samples,
                         merge_samples, parse_seeds, to_uint8)
-from helpers import make_teacher, run_ect
+from helpers import make_teacher, run_ect, toy_config
 
 
 class Recorder(torch.nn.Module):
@@ -86,3 +86,27 @@ def test_heun_cli_records_nfe(tmp_path):
             "--no-progress", "--device", "cpu")
     images, seeds, meta = load_samples(tmp_path / "h.npz")
     assert meta["nfe"] == 35 and meta["sampler"] == "heun" and images.shape == (2, 8, 8, 3)
+
+
+def test_sample_sets_from_the_config(tmp_path):
+    import yaml
+    ckpt = make_teacher(tmp_path / "t.pt", kind="ect")
+    cfg = toy_config()
+    cfg["sample"].update(sets=2, samples_per_set=3, t_mid=[1.5], heun_steps=2, batch=4)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    expected = {"ect-2step": ("consistency", 2, [1.5]), "teacher-heun": ("heun", 3, []), "ect-1step": ("consistency", 1, [])}
+    for name, (sampler, nfe, t_mid) in expected.items():
+        run_ect("sample", "--config", tmp_path / "c.yaml", "--set", name, "--checkpoint", ckpt,
+                "--out", tmp_path / f"{name}.npz", "--no-progress", "--device", "cpu")
+        images, seeds, meta = load_samples(tmp_path / f"{name}.npz")
+        assert seeds.tolist() == list(range(6)) and images.shape == (6, 8, 8, 3)
+        assert (meta["set"], meta["sampler"], meta["nfe"], meta["t_mid"]) == (name, sampler, nfe, t_mid)
+    direct = generate(load_network(ckpt), list(range(6)), steps=2, t_mids=[1.5], progress=False)
+    np.testing.assert_array_equal(load_samples(tmp_path / "ect-2step.npz")[0], direct)
+    proc = run_ect("sample", "--config", tmp_path / "c.yaml", "--set", "ect-1step", "--steps", "2", "--checkpoint",
+                   ckpt, "--out", tmp_path / "x.npz", check=False)
+    assert proc.returncode == 2 and "--steps cannot be combined with --config" in proc.stderr
+    proc = run_ect("sample", "--config", tmp_path / "c.yaml", "--checkpoint", ckpt, "--out", tmp_path / "x.npz",
+                   check=False)
+    assert proc.returncode == 2 and "--config needs --set" in proc.stderr
+    assert not (tmp_path / "x.npz").exists()
