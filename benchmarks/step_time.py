@@ -1,6 +1,6 @@
 """CPU/GPU time of one ECT training step (target pass + forward/backward + optimiser + EMA).
 
-    python benchmarks/step_time.py [--batch-toy 64] [--batch-cifar 16] [--steps 3] [--device cpu]
+    python benchmarks/step_time.py [--batch-toy 32] [--batch-cifar 16] [--steps 3] [--device cpu]
 
 Measures the toy preset's network (from config/config.yaml) and the full CIFAR-10 DDPM++ network
 (55.7M parameters) in one process, so their numbers are comparable. Prints one JSON line each.
@@ -62,7 +62,7 @@ def step_times(arch: dict, batch: int, steps: int, device: torch.device) -> dict
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-toy", type=int, default=64)
+    p.add_argument("--batch-toy", type=int, default=32)  # the toy preset's batch
     p.add_argument("--batch-cifar", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cpu")

@@ -15,7 +15,7 @@ def overlay(tmp_path, data):
 
 def test_toy_preset_is_valid_and_overlays_merge_like_snakemake(tmp_path):
     cfg = load_config(TOY, overlay(tmp_path, {"tune": {"kimg": 1, "arch": {"dropout": 0.3}}, "sample": {"t_mid": [1.0]}}))
-    assert cfg["tune"]["kimg"] == 1 and cfg["tune"]["arch"] == {"dropout": 0.3} and cfg["tune"]["batch"] == 64
+    assert cfg["tune"]["kimg"] == 1 and cfg["tune"]["arch"] == {"dropout": 0.3} and cfg["tune"]["batch"] == yaml.safe_load(TOY.read_text())["tune"]["batch"]
     assert cfg["sample"]["t_mid"] == [1.0]  # lists are replaced
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
 
