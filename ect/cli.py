@@ -95,12 +95,40 @@ def cmd_merge_samples(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     from ect.config import load_config
-    from ect.data import save_dataset
-    from ect.data.digits import digits_images
+    from ect.data import DatasetError, save_dataset
     cfg = load_config(*args.config)["dataset"]
-    images, labels = digits_images(cfg["resolution"])
+    if cfg["source"] == "digits":
+        from ect.data.digits import digits_images
+        images, labels = digits_images(cfg["resolution"])
+    else:
+        from ect.data.cifar10 import read_cifar10_train
+        if not args.archive:
+            raise DatasetError("dataset source 'cifar10' needs --archive (the downloaded cifar-10-python.tar.gz)")
+        images, labels = read_cifar10_train(args.archive)
     digest = save_dataset(args.out, images, labels)
     print(f"wrote {len(images)} images {images.shape[1:]} to {args.out} (content sha256 {digest})", file=sys.stderr)
+    return 0
+
+
+FETCH_ITEMS = {"dataset": ("dataset", "the dataset archive"), "teacher": ("teacher", "the pretrained EDM pickle"),
+               "feature-net": ("fid.feature_net", "the FID feature network (Inception TorchScript)")}
+
+
+def cmd_fetch(args) -> int:
+    from ect.config import ConfigError, load_config
+    from ect.download import download
+    cfg = load_config(*args.config)
+    path, _ = FETCH_ITEMS[args.item]
+    entry = cfg
+    for key in path.split("."):
+        entry = entry[key]
+    if "url" not in entry:
+        raise ConfigError(f"config section {path} has no url: nothing to download for this preset")
+    digests = download(entry["url"], args.out, md5=entry.get("md5"), sha256=entry.get("sha256"),
+                       timeout=args.timeout, retries=args.retries, progress=not args.no_progress)
+    print(f"wrote {args.out} (sha256 {digests['sha256']}, md5 {digests['md5']})", file=sys.stderr)
+    if not entry.get("sha256"):
+        print(f"note: {path}.sha256 is not pinned in the config; this file's is {digests['sha256']}", file=sys.stderr)
     return 0
 
 
@@ -117,18 +145,29 @@ def cmd_feature_net(args) -> int:
     return 0
 
 
+def _extractors(cfg: dict, path, device, modes=None) -> dict:
+    """One feature extractor per FID mode of the config (the first mode is the headline number)."""
+    from ect.fid import FeatureExtractor
+    fn = cfg["fid"]["feature_net"]
+    return {mode: FeatureExtractor(path, fn["kind"], mode, fn.get("sha256"), device)
+            for mode in (modes or cfg["fid"]["modes"])}
+
+
 def cmd_fid_stats(args) -> int:
+    from ect.config import load_config
     from ect.data import load_dataset
-    from ect.fid import compute_features, load_feature_net, save_stats, statistics
+    from ect.fid import compute_features, save_stats, statistics
+    cfg = load_config(*args.config)
     images, _ = load_dataset(args.data)
     device = _setup(args)
-    net, meta, digest = load_feature_net(args.feature_net, args.feature_sha256, device)
-    feats = compute_features(images, net, meta.get("resolution", 299), device=device, progress=not args.no_progress)
-    mu, sigma = statistics(feats)
-    save_stats(args.out, mu, sigma, {"source": str(args.data), "images": len(images),
-                                     "dataset_sha256": _dataset_digest(args.data), "feature_net_sha256": digest,
-                                     "feature_dim": int(feats.shape[1]), "mode": "clean"})
-    print(f"wrote reference statistics of {len(images)} images to {args.out}", file=sys.stderr)
+    extractors = _extractors(cfg, args.feature_net, device)
+    stats = {mode: statistics(compute_features(images, ex, cfg["sample"]["batch"], progress=not args.no_progress))
+             for mode, ex in extractors.items()}
+    digest = next(iter(extractors.values())).sha256
+    save_stats(args.out, stats, {"source": str(args.data), "images": len(images),
+                                 "dataset_sha256": _dataset_digest(args.data), "feature_net_sha256": digest,
+                                 "feature_dim": int(next(iter(stats.values()))[0].shape[0])})
+    print(f"wrote reference statistics of {len(images)} images ({', '.join(stats)}) to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -144,15 +183,19 @@ def _dataset_digest(path) -> str:
         return str(f["content_sha256"])
 
 
-def _feature_setup(args, device):
-    """Load the reference statistics and the feature network; refuse a pair that does not belong together."""
-    from ect.fid import FIDError, load_feature_net, load_stats
-    mu, sigma, ref_meta = load_stats(args.ref)
-    net, meta, digest = load_feature_net(args.feature_net, args.feature_sha256, device)
+def _scoring_setup(args, cfg, device, modes=None):
+    """The reference statistics and the matching extractors; refuse a pair that does not belong together."""
+    from ect.fid import FIDError, load_stats
+    ref, ref_meta = load_stats(args.ref)
+    extractors = _extractors(cfg, args.feature_net, device, modes)
+    digest = next(iter(extractors.values())).sha256
     if ref_meta.get("feature_net_sha256") != digest:
         raise FIDError(f"reference statistics {args.ref} were computed with another feature network "
                        f"({ref_meta.get('feature_net_sha256')}) than {args.feature_net} ({digest})")
-    return (mu, sigma, ref_meta), (net, meta.get("resolution", 299), digest)
+    missing = [m for m in extractors if m not in ref]
+    if missing:
+        raise FIDError(f"reference statistics {args.ref} have no {missing} statistics; rerun fid-stats")
+    return ref, ref_meta, extractors, digest
 
 
 def cmd_fid(args) -> int:
@@ -161,19 +204,24 @@ def cmd_fid(args) -> int:
     from ect.fid import compute_features, fid_of_sets
     from ect.fileio import sha256_file, write_text_atomic
     from ect.sample import load_samples
+    cfg = load_config(*args.config)
     device = _setup(args)
-    sets = load_config(*args.config)["sample"]["sets"] if args.config else args.sets
+    sets = cfg["sample"]["sets"]
     images, seeds, sample_meta = load_samples(args.samples)
-    (mu, sigma, ref_meta), (net, size, digest) = _feature_setup(args, device)
-    feats = compute_features(images, net, size, device=device, progress=not args.no_progress)
-    fids = fid_of_sets(feats, mu, sigma, sets)
-    result = {"fid_min": min(fids), "fid_mean": sum(fids) / len(fids), "fid_sets": fids, "sets": sets,
+    ref, ref_meta, extractors, digest = _scoring_setup(args, cfg, device)
+    modes = {}
+    for mode, ex in extractors.items():
+        fids = fid_of_sets(compute_features(images, ex, cfg["sample"]["batch"], progress=not args.no_progress),
+                           *ref[mode], sets)
+        modes[mode] = {"fid_min": min(fids), "fid_mean": sum(fids) / len(fids), "fid_sets": fids}
+    headline = cfg["fid"]["modes"][0]
+    result = {**modes[headline], "mode": headline, "modes": modes, "sets": sets,
               "samples_per_set": len(images) // sets, "seeds": [int(seeds[0]), int(seeds[-1])],
-              "samples_sha256": sha256_file(args.samples), "feature_net_sha256": digest, "mode": "clean",
-              "reference": ref_meta, **{k: sample_meta[k] for k in ("set", "sampler", "steps", "nfe", "t_mid",
-                                                                    "checkpoint_sha256") if k in sample_meta}}
+              "samples_sha256": sha256_file(args.samples), "feature_net_sha256": digest, "reference": ref_meta,
+              **{k: sample_meta[k] for k in ("set", "sampler", "steps", "nfe", "t_mid", "checkpoint_sha256")
+                 if k in sample_meta}}
     write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
-    print(f"FID {result['fid_min']:.3f} (min of {sets}), {result['fid_mean']:.3f} (mean) -> {args.out}",
+    print(f"FID ({headline}) {result['fid_min']:.3f} (min of {sets}), {result['fid_mean']:.3f} (mean) -> {args.out}",
           file=sys.stderr)
     return 0
 
@@ -189,7 +237,8 @@ def cmd_fid_curve(args) -> int:
     from tqdm import tqdm
     cfg = load_config(*args.config)
     device = _setup(args)
-    (mu, sigma, _), (fnet, size, digest) = _feature_setup(args, device)
+    mode = cfg["fid"]["modes"][0]
+    ref, _, extractors, digest = _scoring_setup(args, cfg, device, modes=[mode])
     snapshots = sorted(Path(args.snapshots).glob("*.pt"))
     if not snapshots:
         raise FIDError(f"no snapshots (*.pt) in {args.snapshots}")
@@ -201,11 +250,12 @@ def cmd_fid_curve(args) -> int:
         for steps in cfg["fid"]["curve_steps"]:
             images = generate(net, seeds, steps=steps, t_mids=cfg["sample"]["t_mid"], batch=cfg["sample"]["batch"],
                               device=device, progress=False)
-            point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, fnet, size, device=device), mu, sigma, 1)[0]
+            feats = compute_features(images, extractors[mode], cfg["sample"]["batch"])
+            point[f"fid_{steps}step"] = fid_of_sets(feats, *ref[mode], 1)[0]
         points.append(point)
         print(json.dumps(point), file=sys.stderr, flush=True)
-    write_text_atomic(args.out, json.dumps({"samples": len(seeds), "feature_net_sha256": digest, "points": points},
-                                           indent=1) + "\n")
+    write_text_atomic(args.out, json.dumps({"samples": len(seeds), "mode": mode, "feature_net_sha256": digest,
+                                            "points": points}, indent=1) + "\n")
     return 0
 
 
@@ -272,10 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="write the config's dataset in our format (uint8 NHWC .npz + content hash)",
                        description="Write the dataset named in the config's 'dataset' section in our on-disk format. "
                                    "'digits': scikit-learn's bundled 8x8 handwritten digits (real images, no download) "
-                                   "upsampled by pixel replication to RGB at 'resolution'.")
+                                   "upsampled by pixel replication to RGB at 'resolution'. 'cifar10': the 50,000 "
+                                   "training images of the official python tarball (--archive), in EDM's order.")
     config_arg(p)
+    p.add_argument("--archive", help="the downloaded archive (cifar10: cifar-10-python.tar.gz from 'ect fetch')")
     p.add_argument("--out", required=True, help="output .npz")
     p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("fetch", help="download a preset's dataset, teacher or feature network, checksum-verified",
+                       description="Download the URL the config names for ITEM and verify its md5/sha256 before "
+                                   "renaming it into place. Resumes (HTTP Range) after a dropped or stalled connection; "
+                                   "any failure leaves no output. Run on a machine with internet (a login node).")
+    config_arg(p)
+    p.add_argument("--item", required=True, choices=list(FETCH_ITEMS),
+                   help="; ".join(f"{k}: {v[1]} ({v[0]})" for k, v in FETCH_ITEMS.items()))
+    p.add_argument("--out", required=True)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a read may stall before a retry (default 60)")
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_fetch)
 
     for step, objective, summary, description in TRAIN_STEPS:
         p = sub.add_parser(step, help=summary, description=description + RESUME_HELP)
@@ -314,29 +379,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     def feature_args(p, scoring=True):
         """The feature network; for scoring steps also the reference statistics and the JSON result."""
-        p.add_argument("--feature-net", required=True, help="TorchScript feature network (.pt)")
-        p.add_argument("--feature-sha256", help="expected sha256 of the feature network; checked before loading")
+        p.add_argument("--feature-net", required=True,
+                       help="TorchScript feature network (.pt); checked against fid.feature_net.sha256 when the config has one")
         if scoring:
             p.add_argument("--ref", required=True, help="reference statistics from 'ect fid-stats'")
             p.add_argument("--out", required=True, help="result .json")
 
     p = sub.add_parser("fid-stats", help="reference FID statistics (mean, covariance) of a dataset",
-                       description="Features of every image of the dataset, then their mean and covariance (float64).")
+                       description="Features of every image of the dataset in each of the config's fid.modes, then "
+                                   "their mean and covariance (float64), in one .npz.")
+    config_arg(p)
     p.add_argument("--data", required=True, help="dataset .npz")
-    p.add_argument("--out", required=True, help="statistics .npz (mu, sigma, meta)")
+    p.add_argument("--out", required=True, help="statistics .npz (mu_<mode>, sigma_<mode>, meta)")
     feature_args(p, scoring=False)
     device_args(p)
     p.set_defaults(func=cmd_fid_stats)
 
     p = sub.add_parser("fid", help="FID of a sample file against reference statistics (min and mean over sets)",
-                       description="Split the samples (ordered by seed) into equal sets (--sets, or the config's "
-                                   "sample.sets), compute the FID of each against the reference, and write min, mean "
-                                   "and every value as JSON.")
+                       description="Split the samples (ordered by seed) into the config's sample.sets equal sets, "
+                                   "compute the FID of each against the reference in every fid.modes, and write min, "
+                                   "mean and every value as JSON (the first mode is the headline).")
+    config_arg(p)
     p.add_argument("--samples", required=True, help="samples .npz from 'ect sample'")
     feature_args(p)
-    sets = p.add_mutually_exclusive_group(required=True)
-    sets.add_argument("--config", nargs="+", metavar="YAML", help="preset (+ overlays): the number of sets")
-    sets.add_argument("--sets", type=int, help="number of sample sets")
     device_args(p)
     p.set_defaults(func=cmd_fid)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,8 +25,12 @@ class FIDError(ValueError):
     pass
 
 
+MODES = ("legacy_tensorflow", "clean")  # clean-fid's names; legacy_tensorflow is the paper's protocol
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
 def load_feature_net(path, sha256: str | None = None, device="cpu"):
-    """Verify (when ``sha256`` is given), then load the TorchScript feature network. Returns (net, meta, sha256)."""
+    """Verify (when ``sha256`` is given), then load a TorchScript feature network. Returns (net, meta, sha256)."""
     digest = verify_sha256(path, sha256) if sha256 else sha256_file(path)
     extra = {"meta.json": ""}
     try:
@@ -38,27 +43,59 @@ def load_feature_net(path, sha256: str | None = None, device="cpu"):
     return net.eval(), meta, digest
 
 
+class FeatureExtractor:
+    """uint8 NHWC images -> features, the way clean-fid computes them in one ``mode``.
+
+    ``inception``: clean-fid's ``InceptionV3W`` on our verified file; ``legacy_tensorflow`` feeds
+    native-size images and lets the TorchScript resize them (the StyleGAN2-ADA/EDM/ECT protocol),
+    ``clean`` resizes to 299 with PIL bicubic first. ``digits-classifier`` (toy): ``clean``
+    resizing to the network's own input size.
+    """
+
+    def __init__(self, path, kind: str, mode: str, sha256: str | None = None, device="cpu"):
+        if mode not in MODES:
+            raise FIDError(f"FID mode must be one of {MODES}, not {mode!r}")
+        self.kind, self.mode, self.device = kind, mode, torch.device(device)
+        net, meta, self.sha256 = load_feature_net(path, sha256, self.device)
+        if kind == "inception":
+            from cleanfid.inception_torchscript import InceptionV3W
+            if Path(path).name != INCEPTION_FILE:
+                raise FIDError(f"clean-fid loads Inception from a file named {INCEPTION_FILE}, not {Path(path).name}")
+            with warnings.catch_warnings():  # clean-fid's wrapper loads the file we just verified
+                warnings.simplefilter("ignore", FutureWarning)
+                self.net = InceptionV3W(str(Path(path).parent), download=False,
+                                        resize_inside=mode == "legacy_tensorflow").to(self.device).eval()
+            self.input_size = None if mode == "legacy_tensorflow" else 299
+        elif kind == "digits-classifier":
+            if mode != "clean":
+                raise FIDError("the digits-classifier feature network supports only the 'clean' mode")
+            self.net, self.input_size = net, meta["resolution"]
+        else:
+            raise FIDError(f"unknown feature network kind {kind!r}")
+        self.resize = resizer(self.input_size) if self.input_size else None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self.resize is not None and images.shape[1:3] != (self.input_size, self.input_size):
+            images = np.stack([self.resize(img) for img in images])
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2).to(self.device)
+        with torch.no_grad():
+            return self.net(x).double().cpu().numpy()
+
+
 def resizer(size: int):
     """clean-fid's ``clean`` resizer (PIL bicubic, float32, no quantisation) to ``size``×``size``."""
     from cleanfid.resize import make_resizer
     return make_resizer("PIL", False, "bicubic", (size, size))
 
 
-def compute_features(images: np.ndarray, net, input_size: int, batch: int = 256, device="cpu",
+def compute_features(images: np.ndarray, extractor: FeatureExtractor, batch: int = 256,
                      progress: bool = False) -> np.ndarray:
     """uint8 NHWC images -> (N, D) float64 features."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise FIDError(f"FID needs uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
-    resize = resizer(input_size) if images.shape[1:3] != (input_size, input_size) else None
-    feats = []
-    for i in tqdm(range(0, len(images), batch), desc="features", unit="batch", disable=not progress):
-        chunk = images[i:i + batch]
-        if resize is not None:
-            chunk = np.stack([resize(img) for img in chunk])
-        x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).permute(0, 3, 1, 2).to(device)
-        with torch.no_grad():
-            feats.append(net(x).double().cpu().numpy())
-    return np.concatenate(feats)
+    chunks = range(0, len(images), batch)
+    return np.concatenate([extractor(images[i:i + batch]) for i in tqdm(
+        chunks, desc=f"features ({extractor.mode})", unit="batch", disable=not progress)])
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,16 +127,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean), 0.0)
 
 
-def save_stats(path, mu, sigma, meta: dict) -> None:
+def save_stats(path, stats: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
+    """Reference statistics per FID mode: ``{mode: (mu, sigma)}``."""
+    arrays = {f"{k}_{mode}": v for mode, (mu, sigma) in stats.items() for k, v in (("mu", mu), ("sigma", sigma))}
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
+    np.savez(buf, **arrays, meta=np.array(json.dumps({**meta, "modes": list(stats)}, sort_keys=True)))
     write_bytes_atomic(path, buf.getvalue())
 
 
-def load_stats(path) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_stats(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            return f["mu"], f["sigma"], json.loads(str(f["meta"]))
+            meta = json.loads(str(f["meta"]))
+            return {m: (f[f"mu_{m}"], f[f"sigma_{m}"]) for m in meta["modes"]}, meta
     except (OSError, KeyError, ValueError) as exc:
         raise FIDError(f"cannot read FID statistics {path}: {exc}") from exc
 

@@ -39,7 +39,7 @@ def test_bad_key_or_value_is_one_error_naming_it(tmp_path, data, message):
 def test_cli_reports_a_bad_config_and_writes_nothing(tmp_path):
     proc = run_ect("prepare-data", "--config", TOY, overlay(tmp_path, {"dataset": {"source": "imagenet"}}),
                    "--out", tmp_path / "d.npz", check=False)
-    assert proc.returncode == 2 and "dataset.source: 'imagenet' is not one of ['digits']" in proc.stderr
+    assert proc.returncode == 2 and "dataset.source: 'imagenet' is not one of ['digits', 'cifar10']" in proc.stderr
     assert not (tmp_path / "d.npz").exists()
     proc = run_ect("prepare-data", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "d.npz", check=False)
     assert proc.returncode == 2 and "cannot read config" in proc.stderr

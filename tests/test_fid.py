@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ect.fid import (FIDError, compute_features, fid_of_sets, frechet_distance, load_feature_net, load_stats,
-                     save_stats, statistics)
+from ect.fid import (FeatureExtractor, FIDError, compute_features, fid_of_sets, frechet_distance, load_feature_net,
+                     load_stats, save_stats, statistics)
 from ect.fileio import ChecksumError, sha256_file
 from helpers import make_dataset, run_ect, write_config
 
@@ -52,9 +52,10 @@ def test_fid_of_sets_splits_in_seed_order():
 
 def test_stats_round_trip(tmp_path):
     mu, sigma = statistics(np.random.default_rng(3).normal(size=(10, 3)))
-    save_stats(tmp_path / "s.npz", mu, sigma, {"images": 10})
-    m2, s2, meta = load_stats(tmp_path / "s.npz")
-    assert np.array_equal(m2, mu) and np.array_equal(s2, sigma) and meta == {"images": 10}
+    save_stats(tmp_path / "s.npz", {"clean": (mu, sigma), "legacy_tensorflow": (mu + 1, sigma)}, {"images": 10})
+    stats, meta = load_stats(tmp_path / "s.npz")
+    assert np.array_equal(stats["clean"][0], mu) and np.array_equal(stats["legacy_tensorflow"][0], mu + 1)
+    assert np.array_equal(stats["clean"][1], sigma) and meta == {"images": 10, "modes": ["clean", "legacy_tensorflow"]}
     with pytest.raises(FIDError, match="cannot read"):
         load_stats(tmp_path / "missing.npz")
 
@@ -69,8 +70,8 @@ def feature_setup(tmp_path_factory):
     config.write_text(__import__("yaml").safe_dump(cfg))
     run_ect("prepare-data", "--config", config, "--out", tmp / "data.npz")
     run_ect("feature-net", "--config", config, "--data", tmp / "data.npz", "--out", tmp / "f.pt")
-    run_ect("fid-stats", "--data", tmp / "data.npz", "--feature-net", tmp / "f.pt", "--out", tmp / "ref.npz",
-            "--no-progress")
+    run_ect("fid-stats", "--config", config, "--data", tmp / "data.npz", "--feature-net", tmp / "f.pt",
+            "--out", tmp / "ref.npz", "--no-progress")
     return tmp, config
 
 
@@ -97,25 +98,25 @@ def test_fid_of_the_dataset_itself_is_near_zero_and_of_noise_is_large(feature_se
     noise = np.random.default_rng(0).integers(0, 256, size=images.shape, dtype=np.uint8)
     for name, imgs in (("real", images[:1500]), ("noise", noise[:1500])):
         save_samples(tmp_path / f"{name}.npz", imgs, np.arange(1500), {"sampler": "test", "steps": 1, "nfe": 1})
-        run_ect("fid", "--samples", tmp_path / f"{name}.npz", "--ref", tmp / "ref.npz", "--feature-net", tmp / "f.pt",
-                "--sets", "3", "--out", tmp_path / f"{name}.json", "--no-progress")
+        run_ect("fid", "--config", config, "--samples", tmp_path / f"{name}.npz", "--ref", tmp / "ref.npz",
+                "--feature-net", tmp / "f.pt", "--out", tmp_path / f"{name}.json", "--no-progress")
     real, noise_r = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("real", "noise"))
     assert len(real["fid_sets"]) == 3 and real["samples_per_set"] == 500 and real["seeds"] == [0, 1499]
+    assert real["mode"] == "clean" and real["modes"]["clean"]["fid_sets"] == real["fid_sets"]
     assert real["fid_min"] < 0.05 * noise_r["fid_min"]
     # the same computation by hand
-    net, meta, _ = load_feature_net(tmp / "f.pt")
-    mu, sigma, _ = load_stats(tmp / "ref.npz")
-    feats = compute_features(images[:500], net, 16)
-    assert real["fid_sets"][0] == pytest.approx(frechet_distance(*statistics(feats), mu, sigma), rel=1e-9)
+    stats, _ = load_stats(tmp / "ref.npz")
+    feats = compute_features(images[:500], FeatureExtractor(tmp / "f.pt", "digits-classifier", "clean"))
+    assert real["fid_sets"][0] == pytest.approx(frechet_distance(*statistics(feats), *stats["clean"]), rel=1e-9)
 
 
 def test_fid_refuses_statistics_from_another_feature_network(feature_setup, tmp_path):
-    tmp, _ = feature_setup
-    mu, sigma, meta = load_stats(tmp / "ref.npz")
-    save_stats(tmp_path / "other.npz", mu, sigma, {**meta, "feature_net_sha256": "0" * 64})
+    tmp, config = feature_setup
+    stats, meta = load_stats(tmp / "ref.npz")
+    save_stats(tmp_path / "other.npz", stats, {**meta, "feature_net_sha256": "0" * 64})
     from ect.sample import save_samples
-    save_samples(tmp_path / "s.npz", np.zeros((4, 16, 16, 3), np.uint8), np.arange(4), {"nfe": 1})
-    proc = run_ect("fid", "--samples", tmp_path / "s.npz", "--ref", tmp_path / "other.npz", "--feature-net",
-                   tmp / "f.pt", "--sets", "1", "--out", tmp_path / "x.json", check=False)
+    save_samples(tmp_path / "s.npz", np.zeros((6, 16, 16, 3), np.uint8), np.arange(6), {"nfe": 1})
+    proc = run_ect("fid", "--config", config, "--samples", tmp_path / "s.npz", "--ref", tmp_path / "other.npz",
+                   "--feature-net", tmp / "f.pt", "--out", tmp_path / "x.json", check=False)
     assert proc.returncode == 2 and "another feature network" in proc.stderr
     assert not (tmp_path / "x.json").exists()

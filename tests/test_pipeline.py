@@ -300,3 +300,52 @@ def test_a_killed_step_leaves_no_output_and_a_failed_report_keeps_the_old_one(to
                      "resources/datasets/digits-16/dataset.npz", "reports/toy/index.html")
     assert sha256(page) == before
     assert [p.name for p in (repo / "reports").iterdir() if p.name.startswith(".toy")] == []  # no temporary left
+
+
+def test_cifar10_preset_prefetches_then_runs_offline_through_snakemake(tmp_path):
+    """config/cifar10.yaml with an overlay: URLs on a loopback server, small sizes. `prefetch` downloads and
+    verifies everything; the server is then stopped and the rest of the pipeline runs without a network."""
+    from cifar_format import cifar_tarball
+    from edm_format import edm_snapshot_bytes, randomized, small_unet_kwargs
+    from ect.networks import build_network
+    from inception_format import inception_like_bytes
+    from loopback import LoopbackServer
+
+    repo = clone_repo(tmp_path / "repo")
+    tarball, _, _ = cifar_tarball(per_batch=8)
+    unet = small_unet_kwargs(attn_resolutions=[16])
+    teacher = edm_snapshot_bytes(randomized(build_network({"kind": "edm", "img_resolution": 32, **unet})), unet)
+    inception = inception_like_bytes()
+    files = {"cifar-10-python.tar.gz": tarball, "edm-cifar10-32x32-uncond-vp.pkl": teacher,
+             "inception-2015-12-05.pt": inception}
+    md5 = lambda b: hashlib.md5(b).hexdigest()
+    with LoopbackServer(files) as server:
+        overlay = {
+            "run": "cifar10-test",
+            "dataset": {"url": f"{server.url}/cifar-10-python.tar.gz", "md5": md5(tarball)},
+            "teacher": {"url": f"{server.url}/edm-cifar10-32x32-uncond-vp.pkl", "sha256": hashlib.sha256(teacher).hexdigest()},
+            "tune": {"kimg": 0.064, "batch": 8, "tick_kimg": 0.016, "snapshot_kimg": 0.032, "state_kimg": 0.016,
+                     "loss": {"double": 2}},
+            "sample": {"samples_per_set": 8, "heun_steps": 2, "batch": 8},
+            "fid": {"feature_net": {"url": f"{server.url}/inception-2015-12-05.pt",
+                                    "sha256": hashlib.sha256(inception).hexdigest()}, "curve_samples": 8},
+            "resources": {"default": {"threads": 2}, "tune": {"threads": 2}},
+        }
+        (repo / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+        configs = ["--configfile", "config/cifar10.yaml", "overlay.yaml"]
+        run(["snakemake", "prefetch", *configs], repo)
+        assert server.requests and {p for p, _ in server.requests} == {f"/{n}" for n in files}
+    for name, blob in [("downloads/cifar-10-python.tar.gz", tarball), ("teachers/edm-cifar10-32x32-uncond-vp.pkl", teacher),
+                       ("fid/inception-2015-12-05.pt", inception)]:
+        assert (repo / "resources" / name).read_bytes() == blob
+    run(["snakemake", *configs], repo, timeout=900)  # the server is gone: nothing may touch the network
+    res = repo / "results" / "cifar10-test"
+    r = json.loads((res / "fid" / "ect-2step.json").read_text())
+    assert r["mode"] == "legacy_tensorflow" and set(r["modes"]) == {"legacy_tensorflow", "clean"}
+    assert r["modes"]["legacy_tensorflow"]["fid_sets"] != r["modes"]["clean"]["fid_sets"]
+    assert r["feature_net_sha256"] == hashlib.sha256(inception).hexdigest() and r["nfe"] == 2
+    assert r["reference"]["images"] == 40
+    page = (repo / "reports" / "cifar10-test" / "index.html").read_text()
+    assert "3.86" in page and "2.15" in page and "not comparable" not in page  # the paper's numbers, side by side
+    assert "legacy_tensorflow" in page and hashlib.sha256(teacher).hexdigest() in page
+    assert "Nothing to be done" in run(["snakemake", *configs, "-n"], repo).stdout

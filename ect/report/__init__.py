@@ -90,7 +90,8 @@ def collect(config: dict, config_files: list[str], results: Path, dataset: Path)
         r = _json(fid_dir / f"{name}.json")
         paper_value = paper.get(PAPER_KEYS[name]) if paper and name in PAPER_KEYS else None
         rows.append({"set": name, "label": label, "nfe": r["nfe"], "fid_min": r["fid_min"], "fid_mean": r["fid_mean"],
-                     "fid_sets": r["fid_sets"], "paper": paper_value})
+                     "fid_sets": r["fid_sets"], "paper": paper_value,
+                     "other_modes": {m: v["fid_min"] for m, v in r.get("modes", {}).items() if m != r["mode"]}})
     any_fid = _json(fid_dir / "ect-1step.json")
     curve = _json(fid_dir / "curve.json")
     checkpoints = {name: {"path": str(results / f"{name}.pt"), "sha256": sha256_file(results / f"{name}.pt")}
@@ -104,8 +105,10 @@ def collect(config: dict, config_files: list[str], results: Path, dataset: Path)
         "fid_rows": rows,
         "protocol": {
             "mode": any_fid["mode"],
-            "feature_net": str(results / "fid" / "feature-net.pt"),
+            "modes": config["fid"]["modes"],
+            "feature_net": config["fid"]["feature_net"].get("url", "trained by the feature_net rule (fixed seed)"),
             "feature_net_sha256": any_fid["feature_net_sha256"],
+            "feature_net_pinned": bool(config["fid"]["feature_net"].get("sha256")),
             "feature_net_kind": config["fid"]["feature_net"]["kind"],
             "reference": any_fid["reference"],
             "sets": any_fid["sets"],
@@ -125,6 +128,7 @@ def collect(config: dict, config_files: list[str], results: Path, dataset: Path)
             "dataset": {"path": str(dataset), "content_sha256": any_fid["reference"].get("dataset_sha256"),
                         "file_sha256": sha256_file(dataset)},
             "checkpoints": checkpoints,
+            "teacher_source": config["teacher"],
             "versions": _versions(),
             "runtimes": _runtimes(results / "benchmarks"),
         },

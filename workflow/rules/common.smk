@@ -22,7 +22,16 @@ RESULTS = f"results/{RUN}"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 DATASET = f"resources/datasets/{config['dataset']['source']}-{config['dataset']['resolution']}/dataset.npz"
+# Downloads land under resources/ (fetched on the login node; see the prefetch target).
+DATASET_ARCHIVE = f"resources/downloads/{os.path.basename(config['dataset']['url'])}" if "url" in config["dataset"] else None
+TEACHER_PICKLE = (f"resources/teachers/{os.path.basename(config['teacher']['url'])}"
+                  if config["teacher"]["source"] == "edm" else None)
+FEATURE_NET = (f"resources/fid/{os.path.basename(config['fid']['feature_net']['url'])}"
+               if config["fid"]["feature_net"]["kind"] == "inception" else f"{RESULTS}/fid/feature-net.pt")
+DOWNLOADS = [p for p in (DATASET_ARCHIVE, TEACHER_PICKLE) if p] + ([FEATURE_NET] if FEATURE_NET.startswith("resources/") else [])
+REFERENCE = f"{RESULTS}/fid/reference.npz"
 TEACHER = f"{RESULTS}/teacher.pt"
+PRETRAIN_LOG = f"{RESULTS}/pretrain-log.jsonl"
 TUNED = f"{RESULTS}/tuned.pt"
 SAMPLE_SETS = ["teacher-1step", "teacher-heun", "ect-1step", "ect-2step"]
 REPORT = f"reports/{RUN}/index.html"

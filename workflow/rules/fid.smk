@@ -1,27 +1,45 @@
-FEATURE_NET = f"{RESULTS}/fid/feature-net.pt"
-REFERENCE = f"{RESULTS}/fid/reference.npz"
+if config["fid"]["feature_net"]["kind"] == "digits-classifier":  # toy: trained here
 
+    rule feature_net:
+        """The toy FID feature network: a digits classifier trained with a fixed seed."""
+        input:
+            data=DATASET,
+        output:
+            FEATURE_NET,
+        conda:
+            "../envs/ect.yaml"
+        log:
+            f"{LOGS}/feature_net.log",
+        benchmark:
+            f"{BENCH}/feature_net.tsv"
+        params:
+            config=CONFIG,
+            settings=config["fid"]["feature_net"],
+        threads: threads_of("feature_net")
+        resources:
+            **resources_of("feature_net"),
+        shell:
+            "ect feature-net --config {params.config} --data {input.data} --out {output} > {log} 2>&1"
 
-rule feature_net:
-    """The toy FID feature network: a digits classifier trained with a fixed seed."""
-    input:
-        data=DATASET,
-    output:
-        FEATURE_NET,
-    conda:
-        "../envs/ect.yaml"
-    log:
-        f"{LOGS}/feature_net.log",
-    benchmark:
-        f"{BENCH}/feature_net.tsv"
-    params:
-        config=CONFIG,
-        settings=config["fid"]["feature_net"],
-    threads: threads_of("feature_net")
-    resources:
-        **resources_of("feature_net"),
-    shell:
-        "ect feature-net --config {params.config} --data {input.data} --out {output} > {log} 2>&1"
+else:  # Inception: clean-fid's TorchScript file, fetched into resources/
+
+    rule fetch_feature_net:
+        """Download the FID feature network (Inception TorchScript), checksum-verified (login node)."""
+        localrule: True
+        output:
+            FEATURE_NET,
+        conda:
+            "../envs/ect.yaml"
+        log:
+            f"{LOGS}/fetch_feature_net.log",
+        benchmark:
+            f"{BENCH}/fetch_feature_net.tsv"
+        params:
+            config=CONFIG,
+        resources:
+            **resources_of("fetch_feature_net"),
+        shell:
+            "ect fetch --config {params.config} --item feature-net --out {output} --no-progress > {log} 2>&1"
 
 
 rule fid_reference:
@@ -37,11 +55,14 @@ rule fid_reference:
         f"{LOGS}/fid_reference.log",
     benchmark:
         f"{BENCH}/fid_reference.tsv"
+    params:
+        config=CONFIG,
+        modes=config["fid"]["modes"],
     threads: threads_of("fid_reference")
     resources:
         **resources_of("fid_reference"),
     shell:
-        "ect fid-stats --data {input.data} --feature-net {input.feature_net} --out {output}"
+        "ect fid-stats --config {params.config} --data {input.data} --feature-net {input.feature_net} --out {output}"
         " --no-progress > {log} 2>&1"
 
 
@@ -64,6 +85,7 @@ rule fid:
     params:
         config=CONFIG,
         sets=config["sample"]["sets"],
+        modes=config["fid"]["modes"],
     threads: threads_of("fid")
     resources:
         **resources_of("fid"),

@@ -4,7 +4,7 @@ rule report:
         fid=expand(f"{RESULTS}/fid/{{set}}.json", set=SAMPLE_SETS),
         grids=expand(f"{RESULTS}/samples/{{set}}.png", set=SAMPLE_SETS),
         curve=f"{RESULTS}/fid/curve.json",
-        logs=[f"{RESULTS}/pretrain-log.jsonl", f"{RESULTS}/train-log.jsonl"],
+        logs=([PRETRAIN_LOG] if config["teacher"]["source"] == "pretrain" else []) + [f"{RESULTS}/train-log.jsonl"],
         checkpoints=[TEACHER, TUNED],
         data=DATASET,
     output:

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from ect.data import DatasetError, load_dataset
+from ect.data.cifar10 import read_cifar10_train
+from cifar_format import cifar_tarball
+from helpers import run_ect, toy_config
+
+
+def test_reads_the_five_training_batches_in_order_as_nhwc(tmp_path):
+    blob, images, labels = cifar_tarball(per_batch=3)
+    (tmp_path / "c.tar.gz").write_bytes(blob)
+    x, y = read_cifar10_train(tmp_path / "c.tar.gz")
+    assert x.dtype == np.uint8 and x.shape == (15, 32, 32, 3)
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+
+
+def test_content_hash_ignores_archive_timestamps(tmp_path):
+    import yaml
+    cfg = toy_config()
+    cfg["dataset"] = {"source": "cifar10", "resolution": 32, "url": "http://127.0.0.1/x.tar.gz", "md5": "0" * 32}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    blob, images, _ = cifar_tarball(per_batch=2)
+    (tmp_path / "a.tar.gz").write_bytes(blob)
+    (tmp_path / "b.tar.gz").write_bytes(blob[:4] + b"\x00\x00\x00\x00" + blob[8:])  # another gzip mtime
+    assert (tmp_path / "a.tar.gz").read_bytes() != (tmp_path / "b.tar.gz").read_bytes()
+    digests = []
+    for name in "ab":
+        proc = run_ect("prepare-data", "--config", tmp_path / "c.yaml", "--archive", tmp_path / f"{name}.tar.gz",
+                       "--out", tmp_path / f"{name}.npz")
+        digests.append(proc.stderr.split("content sha256 ")[1].split(")")[0])
+    assert digests[0] == digests[1]
+    np.testing.assert_array_equal(load_dataset(tmp_path / "a.npz")[0], images)
+    proc = run_ect("prepare-data", "--config", tmp_path / "c.yaml", "--out", tmp_path / "c.npz", check=False)
+    assert proc.returncode == 2 and "needs --archive" in proc.stderr
+
+
+def test_truncated_corrupt_or_tampered_archives_are_clear_errors(tmp_path):
+    blob, _, _ = cifar_tarball(per_batch=2)
+    (tmp_path / "short.tar.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DatasetError, match="truncated"):
+        read_cifar10_train(tmp_path / "short.tar.gz")
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_cifar10_train(tmp_path / "junk.tar.gz")
+    evil, _, _ = cifar_tarball(per_batch=2, extra_global=True)
+    (tmp_path / "evil.tar.gz").write_bytes(evil)
+    with pytest.raises(DatasetError, match="refusing global '__builtin__.print'"):
+        read_cifar10_train(tmp_path / "evil.tar.gz")
