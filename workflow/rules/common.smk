@@ -1,5 +1,6 @@
 # Config validation, paths and per-rule resources shared by every rule.
 import os
+import sys
 
 from snakemake.exceptions import WorkflowError
 
@@ -29,7 +30,9 @@ TEACHER_PICKLE = (f"resources/teachers/{os.path.basename(config['teacher']['url'
 FEATURE_NET = (f"resources/fid/{os.path.basename(config['fid']['feature_net']['url'])}"
                if config["fid"]["feature_net"]["kind"] == "inception" else f"{RESULTS}/fid/feature-net.pt")
 DOWNLOADS = [p for p in (DATASET_ARCHIVE, TEACHER_PICKLE) if p] + ([FEATURE_NET] if FEATURE_NET.startswith("resources/") else [])
-REFERENCE = f"{RESULTS}/fid/reference.npz"
+# Inception statistics of a downloaded dataset are shared by every run on it (50k images: computed once).
+REFERENCE = (f"resources/fid/{config['dataset']['source']}-{config['dataset']['resolution']}-inception-reference.npz"
+             if config["fid"]["feature_net"]["kind"] == "inception" else f"{RESULTS}/fid/reference.npz")
 TEACHER = f"{RESULTS}/teacher.pt"
 PRETRAIN_LOG = f"{RESULTS}/pretrain-log.jsonl"
 TUNED = f"{RESULTS}/tuned.pt"
@@ -38,10 +41,17 @@ REPORT = f"reports/{RUN}/index.html"
 
 
 def resources_of(rule_name):
-    """The config's resources.default, overridden by resources.<rule>."""
+    """The config's resources.default, overridden by resources.<rule>; no gpu key when it asks for none."""
     res = {**config["resources"]["default"], **config["resources"].get(rule_name, {})}
     res.pop("threads")
+    if not res.get("gpu"):
+        res.pop("gpu", None)
+        res.pop("gpu_model", None)
     return res
+
+
+def gpus_of(rule_name):
+    return resources_of(rule_name).get("gpu", 0)
 
 
 def threads_of(rule_name):
@@ -51,3 +61,30 @@ def threads_of(rule_name):
 def checkpoint_of(wildcards):
     """The checkpoint a sample set is drawn from."""
     return TEACHER if wildcards.set.startswith("teacher") else TUNED
+
+
+def gpu_hours():
+    """Requested GPU-hours per rule (runtime limit x GPUs x jobs): an upper bound for planning."""
+    jobs = {"sample": len(SAMPLE_SETS), "fid": len(SAMPLE_SETS)}
+    rows = []
+    for rule_name in ["fid_reference", "tune", "sample", "fid", "fid_curve"]:
+        res = resources_of(rule_name)
+        if res.get("gpu"):
+            n = jobs.get(rule_name, 1)
+            rows.append((rule_name, n, res["gpu"], res["runtime"], n * res["gpu"] * res["runtime"] / 60))
+    return rows
+
+
+def _is_dry_run(argv):
+    # Snakemake sets workflow.dryrun only after the Snakefile is read: look at the command line.
+    return any(a in ("--dry-run", "--dryrun") or (a.startswith("-") and not a.startswith("--") and "n" in a)
+               for a in argv)
+
+
+if _is_dry_run(sys.argv[1:]):
+    _rows = gpu_hours()
+    if _rows:
+        print(f"Requested GPU-hours for run '{RUN}' (jobs x GPUs x runtime limit):")
+        for name, n, gpus, minutes, hours in _rows:
+            print(f"  {name:<14} {n} job(s) x {gpus} GPU x {minutes} min = {hours:8.1f} GPU-h")
+        print(f"  {'total':<14} {sum(r[-1] for r in _rows):.1f} GPU-h")
