@@ -33,6 +33,7 @@ from ect.sample import generate
 
 CIFAR10 = dict(kind="ect", img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
                attn_resolutions=[16], dropout=0.2)
+SMOKE = {**CIFAR10, "model_channels": 16, "channel_mult": [1, 1], "num_blocks": 1}  # --smoke: same code, tiny net
 
 
 def _sync(device):
@@ -130,16 +131,18 @@ def main():
     p.add_argument("--inception", type=Path, help="the real inception-2015-12-05.pt (else a stand-in is built)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on any device, to check the script itself")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny network and sizes on any device, to check the script itself (nothing is written)")
     a = p.parse_args()
     if a.smoke:
         a.iters, a.batch, a.fid_samples, a.fid_batch = 2, 4, 16, 8
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    rows = {"device": name, "torch": torch.__version__, "params": count_parameters(build_network(CIFAR10)),
-            "train": [train_throughput(CIFAR10, a.batch, a.iters, device, bf16) for bf16 in (False, True)]}
+    arch = SMOKE if a.smoke else CIFAR10
+    rows = {"device": name, "torch": torch.__version__, "params": count_parameters(build_network(arch)),
+            "train": [train_throughput(arch, a.batch, a.iters, device, bf16) for bf16 in (False, True)]}
     inception = a.inception or stand_in_inception(Path("benchmarks/out/inception-stand-in/inception-2015-12-05.pt"))
-    rows["fid"] = {**fid_path_throughput(CIFAR10, a.fid_samples, a.fid_batch, device, inception),
+    rows["fid"] = {**fid_path_throughput(arch, a.fid_samples, a.fid_batch, device, inception),
                    "inception": "real file" if a.inception else "stand-in (torchvision Inception-v3 architecture)"}
     print(json.dumps(rows, indent=1))
     if not a.smoke:

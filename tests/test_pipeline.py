@@ -349,3 +349,14 @@ def test_cifar10_preset_prefetches_then_runs_offline_through_snakemake(tmp_path)
     assert "3.86" in page and "2.15" in page and "not comparable" not in page  # the paper's numbers, side by side
     assert "legacy_tensorflow" in page and hashlib.sha256(teacher).hexdigest() in page
     assert "Nothing to be done" in run(["snakemake", *configs, "-n"], repo).stdout
+
+
+def test_tune_runs_one_process_per_requested_gpu_under_torchrun(tmp_path):
+    overlay = tmp_path / "gpus.yaml"
+    overlay.write_text(yaml.safe_dump({"resources": {"tune": {"gpu": 4, "gpu_model": "a100"}}}))
+    out = run(["snakemake", "-n", "-p", "--configfile", "config/config.yaml", str(overlay)], ROOT).stdout
+    tune = next(line for line in out.splitlines() if line.startswith("Shell command:") and " tune --config" in line)
+    assert tune.startswith("Shell command: torchrun --standalone --nproc_per_node=4 -m ect.cli tune --config")
+    assert "gpu=4" in out and "gpu_model=a100" in out
+    default = run(["snakemake", "-n", "-p"], ROOT).stdout
+    assert "Shell command: ect tune --config config/config.yaml" in default

@@ -128,8 +128,8 @@ def test_toy_pipeline_through_slurm_with_a_signalled_tune_job_matches_a_local_ru
 def test_a_job_asking_for_more_gpus_than_the_cluster_has_fails_clearly(tmp_path):
     repo = clone_repo(tmp_path / "repo")
     configs = write_overlay(repo, {"run": "slurm-gpu2", "resources": {"default": {"runtime": 5}, "feature_net": {"gpu": 2}}})
-    proc = subprocess.run(["timeout", "-s", "INT", "-k", "30", "300", "snakemake", "--profile", "slurm", *configs,
-                           "results/slurm-gpu2/fid/feature-net.pt"], cwd=repo, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(["timeout", "-s", "INT", "-k", "30", "300", "snakemake", "results/slurm-gpu2/fid/feature-net.pt",
+                           "--profile", "slurm", *configs], cwd=repo, env=env(), capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Requested node configuration is not available" in out, out[-3000:]

@@ -26,7 +26,7 @@ rule tune:
         # SLURM: SIGUSR1 to the job's processes 5 minutes before the time limit (the trainer saves
         # its state and exits 75), and requeue after a preemption or node failure. A job that ends
         # at its limit fails; Snakemake's retries (slurm profile) resubmit it and training resumes.
-        slurm_extra="'--signal=USR1@300 --requeue'",
+        slurm_extra="--signal=USR1@300 --requeue",
     shell:
         "{params.launcher} tune --config {params.config} --data {input.data} --teacher {input.teacher} --state-dir {params.state}"
         " --out {output.tuned} --snapshots {output.snapshots} --train-log {output.train_log}"
