@@ -90,7 +90,8 @@ def stand_in_inception(path: Path) -> Path:
     class InceptionLike(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = Layers()
+            # traced: scripting torchvision's Inception returns its training-time output tuple
+            self.layers = torch.jit.trace(Layers(), torch.zeros(1, 3, 299, 299))
 
         def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
