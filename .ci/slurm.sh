@@ -8,6 +8,10 @@
 set -euo pipefail
 conf=/etc/slurm
 
+running() {  # is the daemon of this pid file alive?
+    [ -f "$1" ] && kill -0 "$(cat "$1")" 2> /dev/null
+}
+
 start() {
     if ! command -v slurmctld > /dev/null; then
         apt-get update -qq
@@ -45,10 +49,9 @@ NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 Stat
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     echo "Name=gpu File=/dev/null" > "$conf/gres.conf"
-    [ -f /run/munge/munged.pid ] && kill -0 "$(cat /run/munge/munged.pid)" 2> /dev/null \
-        || runuser -u munge -- /usr/sbin/munged
-    /usr/sbin/slurmctld
-    /usr/sbin/slurmd -N localhost
+    running /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged
+    running /run/slurmctld.pid || /usr/sbin/slurmctld
+    running /run/slurmd.pid || /usr/sbin/slurmd -N localhost
     for _ in $(seq 60); do
         [ "$(sinfo -h -n localhost -o %T 2> /dev/null)" = idle ] && { echo "slurm: node idle"; return 0; }
         sleep 1
