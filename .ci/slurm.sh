@@ -4,7 +4,8 @@
 #   .ci/slurm.sh stop    stop the three daemons by the PIDs in their pid files
 # The node is "localhost" with every CPU, ~85% of the memory and one GPU GRES backed by /dev/null,
 # so jobs that ask for a GPU are scheduled (bookkeeping only: torch sees no GPU). No accounting
-# database: Snakemake's profile asks squeue for job states (slurm/config.yaml).
+# database: Snakemake's profile asks squeue for job states (slurm/config.yaml), and finished jobs
+# stay visible to squeue for an hour (MinJobAge), so the tests can inspect them.
 set -euo pipefail
 conf=/etc/slurm
 
@@ -37,7 +38,7 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
 GresTypes=gpu
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd

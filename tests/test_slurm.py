@@ -79,28 +79,31 @@ def test_toy_pipeline_through_slurm_with_a_signalled_tune_job_matches_a_local_ru
     repo = clone_repo(tmp_path / "slurm")
     configs = write_overlay(repo)
     state = repo / "results/slurm/state/tune/state.pt"
-    signalled = []
+    signalled, seen, done = [], {}, threading.Event()
 
-    def signal_tune_when_it_has_saved_state():
-        deadline = time.time() + 600
-        while time.time() < deadline and not signalled:
-            running = [j for j in jobs_of(str(repo)) if j["rule"] == "tune" and j["state"] == "RUNNING"]
-            if running and state.exists():
-                subprocess.run(["scancel", "--signal=USR1", running[0]["id"]], check=True)
-                signalled.append(running[0]["id"])
+    def watch_jobs_and_signal_tune_once_it_has_saved_state():
+        # Jobs are recorded as they are seen: SLURM forgets finished ones after MinJobAge.
+        while not done.is_set():
+            for job in jobs_of(str(repo)):
+                seen[job["id"]] = job
+                if not signalled and job["rule"] == "tune" and job["state"] == "RUNNING" and state.exists():
+                    subprocess.run(["scancel", "--signal=USR1", job["id"]], check=True)
+                    signalled.append(job["id"])
             time.sleep(0.5)
 
-    watcher = threading.Thread(target=signal_tune_when_it_has_saved_state, daemon=True)
+    watcher = threading.Thread(target=watch_jobs_and_signal_tune_once_it_has_saved_state, daemon=True)
     watcher.start()
     proc = subprocess.run(["timeout", "-s", "INT", "-k", "30", "1200", "snakemake", "--profile", "slurm", *configs],
                           cwd=repo, env=env(), capture_output=True, text=True)
-    watcher.join(timeout=1)
+    done.set()
+    watcher.join(timeout=30)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert signalled, "the tune job was never seen running with a saved state"
+    for job in jobs_of(str(repo)):  # final states
+        seen[job["id"]] = job
 
-    jobs = jobs_of(str(repo))
     by_rule = {}
-    for j in jobs:
+    for j in seen.values():
         by_rule.setdefault(j["rule"], []).append(j)
     # every non-local rule went through sbatch; the GPU rules asked for a GPU, the others did not
     assert {"feature_net", "pretrain", "tune", "fid_reference", "sample", "fid", "fid_curve"} <= set(by_rule)

@@ -64,7 +64,7 @@ def checkpoint_of(wildcards):
 
 
 def gpu_hours():
-    """Requested GPU-hours per rule (runtime limit x GPUs x jobs): an upper bound for planning."""
+    """Requested GPU-hours of each GPU rule = jobs x GPUs x runtime limit (an upper bound, for planning)."""
     jobs = {"sample": len(SAMPLE_SETS), "fid": len(SAMPLE_SETS)}
     rows = []
     for rule_name in ["fid_reference", "tune", "sample", "fid", "fid_curve"]:
