@@ -56,20 +56,24 @@ class FeatureExtractor:
         if mode not in MODES:
             raise FIDError(f"FID mode must be one of {MODES}, not {mode!r}")
         self.kind, self.mode, self.device = kind, mode, torch.device(device)
-        net, meta, self.sha256 = load_feature_net(path, sha256, self.device)
         if kind == "inception":
             from cleanfid.inception_torchscript import InceptionV3W
             if Path(path).name != INCEPTION_FILE:
                 raise FIDError(f"clean-fid loads Inception from a file named {INCEPTION_FILE}, not {Path(path).name}")
-            with warnings.catch_warnings():  # clean-fid's wrapper loads the file we just verified
-                warnings.simplefilter("ignore", FutureWarning)
-                self.net = InceptionV3W(str(Path(path).parent), download=False,
-                                        resize_inside=mode == "legacy_tensorflow").to(self.device).eval()
+            self.sha256 = verify_sha256(path, sha256) if sha256 else sha256_file(path)
+            try:
+                with warnings.catch_warnings():  # clean-fid's wrapper loads the file just verified
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.net = InceptionV3W(str(Path(path).parent), download=False,
+                                            resize_inside=mode == "legacy_tensorflow").to(self.device).eval()
+            except RuntimeError as exc:
+                raise FIDError(f"cannot load feature network {path} (not TorchScript?): {exc}") from exc
             self.input_size = None if mode == "legacy_tensorflow" else 299
         elif kind == "digits-classifier":
             if mode != "clean":
                 raise FIDError("the digits-classifier feature network supports only the 'clean' mode")
-            self.net, self.input_size = net, meta["resolution"]
+            self.net, meta, self.sha256 = load_feature_net(path, sha256, self.device)
+            self.input_size = meta["resolution"]
         else:
             raise FIDError(f"unknown feature network kind {kind!r}")
         self.resize = resizer(self.input_size) if self.input_size else None
