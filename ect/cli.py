@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from ect.fid import MODES as FID_MODES
 from ect.sample import SAMPLE_SETS as SAMPLE_SET_NAMES
 
 EPILOG = "Run 'ect <step> --help' for the options of one step."
@@ -94,14 +95,14 @@ def cmd_merge_samples(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
-    from ect.config import load_config
     from ect.data import DatasetError, save_dataset
-    cfg = load_config(*args.config)["dataset"]
-    if cfg["source"] == "digits":
+    if args.source == "digits":
         from ect.data.digits import digits_images
-        images, labels = digits_images(cfg["resolution"])
+        images, labels = digits_images(args.resolution)
     else:
         from ect.data.cifar10 import read_cifar10_train
+        if args.resolution != 32:
+            raise DatasetError(f"cifar10 is 32x32; --resolution {args.resolution} is not supported")
         if not args.archive:
             raise DatasetError("dataset source 'cifar10' needs --archive (the downloaded cifar-10-python.tar.gz)")
         images, labels = read_cifar10_train(args.archive)
@@ -110,25 +111,14 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
-FETCH_ITEMS = {"dataset": ("dataset", "the dataset archive"), "teacher": ("teacher", "the pretrained EDM pickle"),
-               "feature-net": ("fid.feature_net", "the FID feature network (Inception TorchScript)")}
-
-
 def cmd_fetch(args) -> int:
-    from ect.config import ConfigError, load_config
     from ect.download import download
-    cfg = load_config(*args.config)
-    path, _ = FETCH_ITEMS[args.item]
-    entry = cfg
-    for key in path.split("."):
-        entry = entry[key]
-    if "url" not in entry:
-        raise ConfigError(f"config section {path} has no url: nothing to download for this preset")
-    digests = download(entry["url"], args.out, md5=entry.get("md5"), sha256=entry.get("sha256"),
-                       timeout=args.timeout, retries=args.retries, progress=not args.no_progress)
+    digests = download(args.url, args.out, md5=args.md5, sha256=args.sha256, timeout=args.timeout,
+                       retries=args.retries, progress=not args.no_progress, allow_unverified=args.unverified)
     print(f"wrote {args.out} (sha256 {digests['sha256']}, md5 {digests['md5']})", file=sys.stderr)
-    if not entry.get("sha256"):
-        print(f"note: {path}.sha256 is not pinned in the config; this file's is {digests['sha256']}", file=sys.stderr)
+    if not args.sha256:
+        print(f"note: no sha256 was given to verify {args.url}; this file's is {digests['sha256']}: pin it in the "
+              "config", file=sys.stderr)
     return 0
 
 
@@ -145,23 +135,19 @@ def cmd_feature_net(args) -> int:
     return 0
 
 
-def _extractors(cfg: dict, path, device, modes=None) -> dict:
-    """One feature extractor per FID mode of the config (the first mode is the headline number)."""
+def _extractors(kind: str, sha256, modes, path, device) -> dict:
+    """One feature extractor per FID mode (the first mode is the headline number)."""
     from ect.fid import FeatureExtractor
-    fn = cfg["fid"]["feature_net"]
-    return {mode: FeatureExtractor(path, fn["kind"], mode, fn.get("sha256"), device)
-            for mode in (modes or cfg["fid"]["modes"])}
+    return {mode: FeatureExtractor(path, kind, mode, sha256, device) for mode in modes}
 
 
 def cmd_fid_stats(args) -> int:
-    from ect.config import load_config
     from ect.data import load_dataset
     from ect.fid import compute_features, save_stats, statistics
-    cfg = load_config(*args.config)
     images, _ = load_dataset(args.data)
     device = _setup(args)
-    extractors = _extractors(cfg, args.feature_net, device)
-    stats = {mode: statistics(compute_features(images, ex, cfg["sample"]["batch"], progress=not args.no_progress))
+    extractors = _extractors(args.kind, args.sha256, args.modes, args.feature_net, device)
+    stats = {mode: statistics(compute_features(images, ex, args.batch, progress=not args.no_progress))
              for mode, ex in extractors.items()}
     digest = next(iter(extractors.values())).sha256
     save_stats(args.out, stats, {"source": str(args.data), "images": len(images),
@@ -187,7 +173,8 @@ def _scoring_setup(args, cfg, device, modes=None):
     """The reference statistics and the matching extractors; refuse a pair that does not belong together."""
     from ect.fid import FIDError, load_stats
     ref, ref_meta = load_stats(args.ref)
-    extractors = _extractors(cfg, args.feature_net, device, modes)
+    net = cfg["fid"]["feature_net"]
+    extractors = _extractors(net["kind"], net.get("sha256"), modes or cfg["fid"]["modes"], args.feature_net, device)
     digest = next(iter(extractors.values())).sha256
     if ref_meta.get("feature_net_sha256") != digest:
         raise FIDError(f"reference statistics {args.ref} were computed with another feature network "
@@ -319,24 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="expected sha256 of SRC; a mismatch is an error and nothing is written")
     p.set_defaults(func=cmd_convert_edm)
 
-    p = sub.add_parser("prepare-data", help="write the config's dataset in our format (uint8 NHWC .npz + content hash)",
-                       description="Write the dataset named in the config's 'dataset' section in our on-disk format. "
-                                   "'digits': scikit-learn's bundled 8x8 handwritten digits (real images, no download) "
-                                   "upsampled by pixel replication to RGB at 'resolution'. 'cifar10': the 50,000 "
-                                   "training images of the official python tarball (--archive), in EDM's order.")
-    config_arg(p)
+    p = sub.add_parser("prepare-data", help="write a dataset in our format (uint8 NHWC .npz + content hash)",
+                       description="Write a dataset in our on-disk format. 'digits': scikit-learn's bundled 8x8 "
+                                   "handwritten digits (real images, no download) upsampled by pixel replication to "
+                                   "RGB at --resolution. 'cifar10': the 50,000 training images of the official python "
+                                   "tarball (--archive), in EDM's order, at 32x32. The content hash covers the pixels "
+                                   "and labels only, not the archive's timestamps.")
+    p.add_argument("--source", required=True, choices=["digits", "cifar10"], help="which dataset (config: dataset.source)")
+    p.add_argument("--resolution", required=True, type=int, help="image size in pixels (config: dataset.resolution)")
     p.add_argument("--archive", help="the downloaded archive (cifar10: cifar-10-python.tar.gz from 'ect fetch')")
     p.add_argument("--out", required=True, help="output .npz")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("fetch", help="download a preset's dataset, teacher or feature network, checksum-verified",
-                       description="Download the URL the config names for ITEM and verify its md5/sha256 before "
-                                   "renaming it into place. Resumes (HTTP Range) after a dropped or stalled connection; "
-                                   "any failure leaves no output. Run on a machine with internet (a login node).")
-    config_arg(p)
-    p.add_argument("--item", required=True, choices=list(FETCH_ITEMS),
-                   help="; ".join(f"{k}: {v[1]} ({v[0]})" for k, v in FETCH_ITEMS.items()))
+    p = sub.add_parser("fetch", help="download a file, checksum-verified and resumable",
+                       description="Download URL to --out and verify its md5 and/or sha256 (at least one is required) "
+                                   "before renaming it into place. Resumes (HTTP Range) after a dropped or stalled "
+                                   "connection; any failure leaves no output. Without --sha256 the file's sha256 is "
+                                   "printed, to pin in the config. Run on a machine with internet (a login node); "
+                                   "'snakemake prefetch' runs every download of a preset.")
+    p.add_argument("url", help="http(s) URL (the preset's dataset.url, teacher.url or fid.feature_net.url)")
     p.add_argument("--out", required=True)
+    p.add_argument("--md5", help="expected md5 (hex)")
+    p.add_argument("--sha256", help="expected sha256 (hex)")
+    p.add_argument("--unverified", action="store_true",
+                   help="download without a checksum (trust on first use, by hand; the pipeline never passes it)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a read may stall before a retry (default 60)")
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--no-progress", action="store_true")
@@ -380,18 +373,24 @@ def build_parser() -> argparse.ArgumentParser:
     def feature_args(p, scoring=True):
         """The feature network; for scoring steps also the reference statistics and the JSON result."""
         p.add_argument("--feature-net", required=True,
-                       help="TorchScript feature network (.pt); checked against fid.feature_net.sha256 when the config has one")
+                       help="TorchScript feature network (.pt); checked against its pinned sha256 when there is one")
         if scoring:
             p.add_argument("--ref", required=True, help="reference statistics from 'ect fid-stats'")
             p.add_argument("--out", required=True, help="result .json")
 
     p = sub.add_parser("fid-stats", help="reference FID statistics (mean, covariance) of a dataset",
-                       description="Features of every image of the dataset in each of the config's fid.modes, then "
-                                   "their mean and covariance (float64), in one .npz.")
-    config_arg(p)
+                       description="Features of every image of the dataset in each --modes, then their mean and "
+                                   "covariance (float64), in one .npz. Takes the feature network's settings rather "
+                                   "than a config, so that presets sharing a dataset share its statistics.")
     p.add_argument("--data", required=True, help="dataset .npz")
     p.add_argument("--out", required=True, help="statistics .npz (mu_<mode>, sigma_<mode>, meta)")
     feature_args(p, scoring=False)
+    p.add_argument("--kind", required=True, choices=["digits-classifier", "inception"],
+                   help="the feature network (config: fid.feature_net.kind)")
+    p.add_argument("--sha256", help="expected sha256 of --feature-net (config: fid.feature_net.sha256)")
+    p.add_argument("--modes", required=True, nargs="+", choices=list(FID_MODES), metavar="MODE",
+                   help=f"clean-fid modes, {' or '.join(FID_MODES)} (config: fid.modes)")
+    p.add_argument("--batch", type=int, default=250, help="images per forward pass (default 250)")
     device_args(p)
     p.set_defaults(func=cmd_fid_stats)
 

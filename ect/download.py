@@ -62,10 +62,15 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> None:
 
 
 def download(url: str, dst, md5: str | None = None, sha256: str | None = None, timeout: float = 60.0,
-             retries: int = 3, backoff: float = 2.0, progress: bool = True) -> dict[str, str]:
-    """Download ``url`` to ``dst`` (atomically, after checking md5/sha256); return the file's digests."""
-    if not (md5 or sha256):
-        raise ValueError(f"refusing to download {url} without a checksum to verify it against")
+             retries: int = 3, backoff: float = 2.0, progress: bool = True,
+             allow_unverified: bool = False) -> dict[str, str]:
+    """Download ``url`` to ``dst`` (atomically, after checking md5/sha256); return the file's digests.
+
+    Without a checksum the download is refused unless ``allow_unverified`` (trust on first use, by hand)."""
+    if not (md5 or sha256 or allow_unverified):
+        raise ValueError(f"refusing to download {url} without a checksum to verify it against. Pin its sha256 in "
+                         "the config, or trust this one download by hand ('ect fetch URL --out FILE --unverified'), "
+                         "check the sha256 it prints against a source you trust, and pin that")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(dst.name + ".part")

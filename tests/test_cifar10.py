@@ -4,7 +4,7 @@ import pytest
 from ect.data import DatasetError, load_dataset
 from ect.data.cifar10 import read_cifar10_train
 from cifar_format import cifar_tarball
-from helpers import run_ect, toy_config
+from helpers import run_ect
 
 
 def test_reads_the_five_training_batches_in_order_as_nhwc(tmp_path):
@@ -17,23 +17,22 @@ def test_reads_the_five_training_batches_in_order_as_nhwc(tmp_path):
 
 
 def test_content_hash_ignores_archive_timestamps(tmp_path):
-    import yaml
-    cfg = toy_config()
-    cfg["dataset"] = {"source": "cifar10", "resolution": 32, "url": "http://127.0.0.1/x.tar.gz", "md5": "0" * 32}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     blob, images, _ = cifar_tarball(per_batch=2)
     (tmp_path / "a.tar.gz").write_bytes(blob)
     (tmp_path / "b.tar.gz").write_bytes(blob[:4] + b"\x00\x00\x00\x00" + blob[8:])  # another gzip mtime
     assert (tmp_path / "a.tar.gz").read_bytes() != (tmp_path / "b.tar.gz").read_bytes()
     digests = []
     for name in "ab":
-        proc = run_ect("prepare-data", "--config", tmp_path / "c.yaml", "--archive", tmp_path / f"{name}.tar.gz",
+        proc = run_ect("prepare-data", "--source", "cifar10", "--resolution", 32, "--archive", tmp_path / f"{name}.tar.gz",
                        "--out", tmp_path / f"{name}.npz")
         digests.append(proc.stderr.split("content sha256 ")[1].split(")")[0])
     assert digests[0] == digests[1]
     np.testing.assert_array_equal(load_dataset(tmp_path / "a.npz")[0], images)
-    proc = run_ect("prepare-data", "--config", tmp_path / "c.yaml", "--out", tmp_path / "c.npz", check=False)
+    proc = run_ect("prepare-data", "--source", "cifar10", "--resolution", 32, "--out", tmp_path / "c.npz", check=False)
     assert proc.returncode == 2 and "needs --archive" in proc.stderr
+    proc = run_ect("prepare-data", "--source", "cifar10", "--resolution", 64, "--archive", tmp_path / "a.tar.gz",
+                   "--out", tmp_path / "c.npz", check=False)
+    assert proc.returncode == 2 and "cifar10 is 32x32" in proc.stderr and not (tmp_path / "c.npz").exists()
 
 
 def test_truncated_corrupt_or_tampered_archives_are_clear_errors(tmp_path):

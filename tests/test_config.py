@@ -37,9 +37,15 @@ def test_bad_key_or_value_is_one_error_naming_it(tmp_path, data, message):
 
 
 def test_cli_reports_a_bad_config_and_writes_nothing(tmp_path):
-    proc = run_ect("prepare-data", "--config", TOY, overlay(tmp_path, {"dataset": {"source": "imagenet"}}),
-                   "--out", tmp_path / "d.npz", check=False)
-    assert proc.returncode == 2 and "dataset.source: 'imagenet' is not one of ['digits', 'cifar10']" in proc.stderr
-    assert not (tmp_path / "d.npz").exists()
-    proc = run_ect("prepare-data", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "d.npz", check=False)
+    proc = run_ect("sample", "--config", TOY, overlay(tmp_path, {"sample": {"sets": 0}}), "--set", "ect-1step",
+                   "--checkpoint", tmp_path / "c.pt", "--out", tmp_path / "s.npz", check=False)
+    assert proc.returncode == 2 and "sample.sets: 0 is less than the minimum of 1" in proc.stderr
+    assert not (tmp_path / "s.npz").exists()
+    proc = run_ect("sample", "--config", tmp_path / "missing.yaml", "--set", "ect-1step", "--checkpoint", tmp_path / "c.pt",
+                   "--out", tmp_path / "s.npz", check=False)
     assert proc.returncode == 2 and "cannot read config" in proc.stderr
+
+
+def test_download_urls_must_need_no_shell_quoting(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.url: .* does not match"):
+        load_config(ROOT / "config" / "cifar10.yaml", overlay(tmp_path, {"dataset": {"url": "https://x.org/a.tgz; rm -rf ~"}}))

@@ -4,11 +4,9 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from ect.download import DownloadError, download
 from ect.fileio import ChecksumError
-from helpers import toy_config
 from loopback import LoopbackServer
 
 DATA = os.urandom(300_000)
@@ -61,19 +59,18 @@ def test_refuses_to_download_without_a_checksum(tmp_path):
         download("http://127.0.0.1:9/x", tmp_path / "x")
 
 
-def test_fetch_command_reads_url_and_checksums_from_the_config(server, tmp_path):
-    cfg = toy_config()
-    cfg["dataset"] = {"source": "cifar10", "resolution": 32, "url": f"{server.url}/file.bin", "md5": MD5, "sha256": None}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "ect.cli", "fetch", "--config", str(tmp_path / "c.yaml"), "--item",
-                           "dataset", "--out", str(tmp_path / "out" / "a.tgz"), "--no-progress"],
-                          capture_output=True, text=True)
+def test_fetch_command_verifies_and_prints_the_sha256_to_pin(server, tmp_path):
+    fetch = [sys.executable, "-m", "ect.cli", "fetch", f"{server.url}/file.bin", "--no-progress"]
+    proc = subprocess.run([*fetch, "--md5", MD5, "--out", str(tmp_path / "out" / "a.tgz")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "a.tgz").read_bytes() == DATA
-    assert f"dataset.sha256 is not pinned in the config; this file's is {SHA}" in proc.stderr
-    cfg["dataset"]["md5"] = "f" * 32
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "ect.cli", "fetch", "--config", str(tmp_path / "c.yaml"), "--item",
-                           "dataset", "--out", str(tmp_path / "out" / "b.tgz"), "--no-progress"],
+    assert f"no sha256 was given to verify {server.url}/file.bin; this file's is {SHA}" in proc.stderr
+    proc = subprocess.run([*fetch, "--md5", MD5, "--sha256", "f" * 64, "--out", str(tmp_path / "out" / "b.tgz")],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "md5 mismatch" in proc.stderr and not (tmp_path / "out" / "b.tgz").exists()
+    assert proc.returncode == 2 and "sha256 mismatch" in proc.stderr and not (tmp_path / "out" / "b.tgz").exists()
+    proc = subprocess.run([*fetch, "--out", str(tmp_path / "out" / "c.tgz")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "without a checksum" in proc.stderr and "--unverified" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tgz"]
+    proc = subprocess.run([*fetch, "--unverified", "--out", str(tmp_path / "out" / "c.tgz")], capture_output=True, text=True)
+    assert proc.returncode == 0 and (tmp_path / "out" / "c.tgz").read_bytes() == DATA
+    assert f"this file's is {SHA}" in proc.stderr

@@ -68,10 +68,10 @@ def feature_setup(tmp_path_factory):
     cfg = __import__("yaml").safe_load(config.read_text())
     cfg["fid"]["feature_net"]["epochs"] = 2
     config.write_text(__import__("yaml").safe_dump(cfg))
-    run_ect("prepare-data", "--config", config, "--out", tmp / "data.npz")
+    run_ect("prepare-data", "--source", "digits", "--resolution", 16, "--out", tmp / "data.npz")
     run_ect("feature-net", "--config", config, "--data", tmp / "data.npz", "--out", tmp / "f.pt")
-    run_ect("fid-stats", "--config", config, "--data", tmp / "data.npz", "--feature-net", tmp / "f.pt",
-            "--out", tmp / "ref.npz", "--no-progress")
+    run_ect("fid-stats", "--data", tmp / "data.npz", "--feature-net", tmp / "f.pt", "--kind", "digits-classifier",
+            "--modes", "clean", "--out", tmp / "ref.npz", "--no-progress")
     return tmp, config
 
 

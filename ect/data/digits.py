@@ -12,7 +12,7 @@ import numpy as np
 def digits_images(resolution: int = 16) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
-    if resolution % 8:
+    if resolution < 8 or resolution % 8:
         raise ValueError(f"digits resolution must be a multiple of 8, not {resolution}")
     digits = load_digits()
     gray = np.round(digits.images * (255 / 16)).astype(np.uint8)  # (N, 8, 8)

@@ -63,6 +63,14 @@ def threads_of(rule_name):
     return settings_of(rule_name)["threads"]
 
 
+def fetch_args(entry):
+    """`ect fetch` arguments of a download: its url and whichever of md5/sha256 is pinned.
+
+    Download rules take these values rather than the config files, so presets that share a download
+    (and the steps after it under resources/) do not rerun it when the preset changes."""
+    return " ".join([entry["url"], *(f"--{key} {entry[key]}" for key in ("md5", "sha256") if entry.get(key))])
+
+
 def checkpoint_of(wildcards):
     """The checkpoint a sample set is drawn from."""
     return TEACHER if wildcards.set.startswith("teacher") else TUNED

@@ -1,6 +1,6 @@
 if config["dataset"]["source"] != "digits":  # a downloaded dataset (cifar10)
 
-    rule download_dataset:
+    rule fetch_dataset:
         """Download the dataset archive, md5/sha256-verified (login node: a localrule)."""
         localrule: True
         output:
@@ -8,15 +8,15 @@ if config["dataset"]["source"] != "digits":  # a downloaded dataset (cifar10)
         conda:
             "../envs/ect.yaml"
         log:
-            f"{LOGS}/download_dataset.log",
+            f"{LOGS}/fetch_dataset.log",
         benchmark:
-            f"{BENCH}/download_dataset.tsv"
+            f"{BENCH}/fetch_dataset.tsv"
         params:
-            config=CONFIG,
+            source=fetch_args(config["dataset"]),
         resources:
-            **resources_of("download_dataset"),
+            **resources_of("fetch_dataset"),
         shell:
-            "ect fetch --config {params.config} --item dataset --out {output} --no-progress > {log} 2>&1"
+            "ect fetch {params.source} --out {output} --no-progress > {log} 2>&1"
 
 
 rule dataset:
@@ -32,10 +32,11 @@ rule dataset:
     benchmark:
         f"{BENCH}/dataset.tsv"
     params:
-        config=CONFIG,
+        source=config["dataset"]["source"],
+        resolution=config["dataset"]["resolution"],
         archive=lambda wildcards, input: f"--archive {input.archive} " if input.archive else "",
-        dataset=config["dataset"],
     resources:
         **resources_of("dataset"),
     shell:
-        "ect prepare-data --config {params.config} {params.archive}--out {output} > {log} 2>&1"
+        "ect prepare-data --source {params.source} --resolution {params.resolution} {params.archive}--out {output}"
+        " > {log} 2>&1"

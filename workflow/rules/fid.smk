@@ -35,11 +35,11 @@ else:  # Inception: clean-fid's TorchScript file, fetched into resources/
         benchmark:
             f"{BENCH}/fetch_feature_net.tsv"
         params:
-            config=CONFIG,
+            source=fetch_args(config["fid"]["feature_net"]),
         resources:
             **resources_of("fetch_feature_net"),
         shell:
-            "ect fetch --config {params.config} --item feature-net --out {output} --no-progress > {log} 2>&1"
+            "ect fetch {params.source} --out {output} --no-progress > {log} 2>&1"
 
 
 rule fid_reference:
@@ -55,15 +55,16 @@ rule fid_reference:
         f"{LOGS}/fid_reference.log",
     benchmark:
         f"{BENCH}/fid_reference.tsv"
-    params:
-        config=CONFIG,
-        modes=config["fid"]["modes"],
+    params:  # the feature network's settings, not the config files: presets on one dataset share REFERENCE
+        kind=config["fid"]["feature_net"]["kind"],
+        sha256=f"--sha256 {config['fid']['feature_net']['sha256']} " if config["fid"]["feature_net"].get("sha256") else "",
+        modes=" ".join(config["fid"]["modes"]),
     threads: threads_of("fid_reference")
     resources:
         **resources_of("fid_reference"),
     shell:
-        "ect fid-stats --config {params.config} --data {input.data} --feature-net {input.feature_net} --out {output}"
-        " --no-progress > {log} 2>&1"
+        "ect fid-stats --data {input.data} --feature-net {input.feature_net} --kind {params.kind} {params.sha256}"
+        "--modes {params.modes} --out {output} --no-progress > {log} 2>&1"
 
 
 rule fid:

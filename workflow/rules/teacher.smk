@@ -38,11 +38,11 @@ else:  # a pretrained EDM pickle
         benchmark:
             f"{BENCH}/fetch_teacher.tsv"
         params:
-            config=CONFIG,
+            source=fetch_args(config["teacher"]),
         resources:
             **resources_of("fetch_teacher"),
         shell:
-            "ect fetch --config {params.config} --item teacher --out {output} --no-progress > {log} 2>&1"
+            "ect fetch {params.source} --out {output} --no-progress > {log} 2>&1"
 
     rule teacher:
         """Convert the EDM pickle to our checkpoint without executing anything from it."""
