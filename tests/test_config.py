@@ -49,3 +49,12 @@ def test_cli_reports_a_bad_config_and_writes_nothing(tmp_path):
 def test_download_urls_must_need_no_shell_quoting(tmp_path):
     with pytest.raises(ConfigError, match="dataset.url: .* does not match"):
         load_config(ROOT / "config" / "cifar10.yaml", overlay(tmp_path, {"dataset": {"url": "https://x.org/a.tgz; rm -rf ~"}}))
+
+
+def test_cifar10_presets_agree_on_everything_they_share_under_resources():
+    """Both presets write the same resources/ files (downloads, dataset, Inception reference statistics):
+    the settings that make those files must be equal, or one preset would use the other's."""
+    a, b = (load_config(ROOT / "config" / f"{name}.yaml") for name in ("cifar10", "cifar10-1hour"))
+    for section in ("dataset", "teacher"):
+        assert a[section] == b[section], section
+    assert a["fid"]["feature_net"] == b["fid"]["feature_net"] and a["fid"]["modes"] == b["fid"]["modes"]

@@ -195,9 +195,9 @@ def test_lint_and_snakemake_report_are_clean(toy_run, tmp_path):
     assert (tmp_path / "smk-report.html").stat().st_size > 10_000
 
 
-def snakemake_jobs(repo) -> list[dict]:
+def snakemake_jobs(repo, *configs) -> list[dict]:
     """Every job of a forced dry run: rule, inputs, outputs and shell command (without the log redirect)."""
-    out = run(["snakemake", "-n", "-p", "--forceall"], repo).stdout
+    out = run(["snakemake", "-n", "-p", "--forceall", *(["--configfile", *configs] if configs else [])], repo).stdout
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         m = re.match(r"(?:local)?rule (\w+):", block)
@@ -210,21 +210,28 @@ def snakemake_jobs(repo) -> list[dict]:
     return jobs
 
 
-def dvc_stages(repo) -> list[dict]:
+def dvc_stages(repo, dvcfile="dvc.yaml") -> list[dict]:
+    """The resolved stages of one dvc.yaml (paths as written: every stage's wdir is the repo root)."""
     from dvc.repo import Repo
     with Repo(str(repo)) as dvc:
         return [{"name": s.addressing, "cmd": " ".join(s.cmd.split()), "deps": {d.def_path for d in s.deps},
-                 "outs": {o.def_path for o in s.outs}} for s in dvc.index.stages]
+                 "outs": {o.def_path for o in s.outs}} for s in dvc.index.stages
+                if Path(s.path).resolve() == (Path(repo) / dvcfile).resolve()]
 
 
-def test_dvc_yaml_and_snakemake_rules_run_the_same_commands_on_the_same_files(toy_run):
-    repo, _, _ = toy_run
-    jobs, stages = snakemake_jobs(repo), dvc_stages(repo)
-    assert len(jobs) == len(stages) == 15
+@pytest.mark.parametrize("preset, dvcfile", [("config", "dvc.yaml"), ("cifar10", "pipelines/cifar10/dvc.yaml"),
+                                             ("cifar10-1hour", "pipelines/cifar10/dvc.yaml")])
+def test_dvc_yaml_and_snakemake_rules_run_the_same_commands_on_the_same_files(preset, dvcfile):
+    jobs = snakemake_jobs(ROOT, f"config/{preset}.yaml")
+    run_name = yaml.safe_load((ROOT / "config" / f"{preset}.yaml").read_text())["run"]
+    # a preset's stages: its own (they name its results/<run>) and the shared ones (no results/ at all)
+    stages = [s for s in dvc_stages(ROOT, dvcfile)
+              if re.search(rf"results/{re.escape(run_name)}(/| |$)", s["cmd"]) or "results/" not in s["cmd"]]
+    assert len(jobs) == len(stages) == {"config": 15, "cifar10": 17, "cifar10-1hour": 17}[preset]
     by_cmd = {s["cmd"]: s for s in stages}
     for job in jobs:
         stage = by_cmd.get(job["cmd"])
-        assert stage is not None, f"no DVC stage runs Snakemake's {job['rule']} command:\n{job['cmd']}"
+        assert stage is not None, f"no DVC stage in {dvcfile} runs Snakemake's {job['rule']} command:\n{job['cmd']}"
         params = {d for d in stage["deps"] if d.endswith(".yaml")}
         assert stage["deps"] - params == job["deps"], (job["rule"], stage["deps"], job["deps"])
         # DVC tracks the report's directory; Snakemake names the page in it
@@ -233,8 +240,8 @@ def test_dvc_yaml_and_snakemake_rules_run_the_same_commands_on_the_same_files(to
 
 def test_dvc_commit_after_snakemake_then_status_clean_repro_nothing_and_remote_round_trip(toy_run, tmp_path):
     repo, _, _ = toy_run
-    run(["dvc", "commit", "--force"], repo)  # what `make record` runs
-    assert "up to date" in run(["dvc", "status"], repo).stdout
+    run(["dvc", "commit", "--force", "--with-deps", "dvc.yaml"], repo)  # what `make record` runs
+    assert "up to date" in run(["dvc", "status", "dvc.yaml"], repo).stdout
     repro = run(["dvc", "repro"], repo).stdout
     assert "Running stage" not in repro, repro
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -264,7 +271,7 @@ def test_dvc_repro_runs_the_pipeline_and_single_stages(tmp_path):
     (repo / "config/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run(["dvc", "repro"], repo, timeout=900)
     assert (repo / "reports/toy/index.html").exists()
-    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert "up to date" in run(["dvc", "status", "dvc.yaml"], repo).stdout
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) >= {"dataset", "pretrain", "tune", "report", "fid@ect-2step", "sample@teacher-heun"}
     before = _mtimes(repo)
@@ -302,10 +309,14 @@ def test_a_killed_step_leaves_no_output_and_a_failed_report_keeps_the_old_one(to
     assert [p.name for p in (repo / "reports").iterdir() if p.name.startswith(".toy")] == []  # no temporary left
 
 
-def test_cifar10_preset_prefetches_then_runs_offline_through_snakemake(tmp_path):
-    """config/cifar10.yaml with an overlay: URLs on a loopback server, small sizes. `prefetch` downloads and
-    verifies everything; the server is then stopped and the rest of the pipeline runs without a network."""
+def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded_by_dvc(tmp_path):
+    """Both CIFAR-10 presets, shrunk and pointed at a loopback server (merged into the preset files, as DVC
+    reads them). `snakemake prefetch` downloads and verifies everything; the server is then stopped and
+    config/cifar10.yaml runs to the report without a network. Switching to config/cifar10-1hour.yaml reuses
+    every shared file under resources/. DVC then records the run, reproduces a shared stage identically and runs
+    the other preset."""
     from cifar_format import cifar_tarball
+    from ect.config import merge
     from edm_format import edm_snapshot_bytes, randomized, small_unet_kwargs
     from ect.networks import build_network
     from inception_format import inception_like_bytes
@@ -319,36 +330,65 @@ def test_cifar10_preset_prefetches_then_runs_offline_through_snakemake(tmp_path)
     files = {"cifar-10-python.tar.gz": tarball, "edm-cifar10-32x32-uncond-vp.pkl": teacher,
              "inception-2015-12-05.pt": inception}
     md5 = lambda b: hashlib.md5(b).hexdigest()
+    dvcfile = "pipelines/cifar10/dvc.yaml"
     with LoopbackServer(files) as server:
         overlay = {
-            "run": "cifar10-test",
             "dataset": {"url": f"{server.url}/cifar-10-python.tar.gz", "md5": md5(tarball)},
             "teacher": {"url": f"{server.url}/edm-cifar10-32x32-uncond-vp.pkl", "sha256": hashlib.sha256(teacher).hexdigest()},
-            "tune": {"kimg": 0.064, "batch": 8, "tick_kimg": 0.016, "snapshot_kimg": 0.032, "state_kimg": 0.016,
-                     "loss": {"double": 2}},
+            "tune": {"kimg": 0.064, "batch": 8, "tick_kimg": 0.016, "snapshot_kimg": 0.032, "state_kimg": 0.016},
             "sample": {"samples_per_set": 8, "heun_steps": 2, "batch": 8},
             "fid": {"feature_net": {"url": f"{server.url}/inception-2015-12-05.pt",
                                     "sha256": hashlib.sha256(inception).hexdigest()}, "curve_samples": 8},
             "resources": {"default": {"threads": 2}, "tune": {"threads": 2}},
         }
-        (repo / "overlay.yaml").write_text(yaml.safe_dump(overlay))
-        configs = ["--configfile", "config/cifar10.yaml", "overlay.yaml"]
-        run(["snakemake", "prefetch", *configs], repo)
+        stages_per_preset = {"cifar10": {"tune": {"loss": {"double": 2}}}, "cifar10-1hour": {}}  # 1 hour: never advances
+        for preset, stages in stages_per_preset.items():
+            path = repo / "config" / f"{preset}.yaml"
+            path.write_text(yaml.safe_dump(merge(merge(yaml.safe_load(path.read_text()), overlay), stages), sort_keys=False))
+        # what pinning the Inception sha256 in the presets means for the DVC pipeline (the drift test asks for it)
+        stages = repo / dvcfile
+        stages.write_text(stages.read_text().replace("cmd: ect fetch ${fid.feature_net.url} --out",
+                                                     "cmd: ect fetch ${fid.feature_net.url} --sha256 ${fid.feature_net.sha256} --out"))
+        run(["snakemake", "prefetch", "--configfile", "config/cifar10.yaml"], repo)
         assert server.requests and {p for p, _ in server.requests} == {f"/{n}" for n in files}
     for name, blob in [("downloads/cifar-10-python.tar.gz", tarball), ("teachers/edm-cifar10-32x32-uncond-vp.pkl", teacher),
                        ("fid/inception-2015-12-05.pt", inception)]:
         assert (repo / "resources" / name).read_bytes() == blob
-    run(["snakemake", *configs], repo, timeout=900)  # the server is gone: nothing may touch the network
-    res = repo / "results" / "cifar10-test"
+    run(["snakemake", "--configfile", "config/cifar10.yaml"], repo, timeout=900)  # the server is gone: no network
+    res = repo / "results" / "cifar10"
     r = json.loads((res / "fid" / "ect-2step.json").read_text())
     assert r["mode"] == "legacy_tensorflow" and set(r["modes"]) == {"legacy_tensorflow", "clean"}
     assert r["modes"]["legacy_tensorflow"]["fid_sets"] != r["modes"]["clean"]["fid_sets"]
     assert r["feature_net_sha256"] == hashlib.sha256(inception).hexdigest() and r["nfe"] == 2
     assert r["reference"]["images"] == 40
-    page = (repo / "reports" / "cifar10-test" / "index.html").read_text()
+    page = (repo / "reports" / "cifar10" / "index.html").read_text()
     assert "3.86" in page and "2.15" in page and "not comparable" not in page  # the paper's numbers, side by side
     assert "legacy_tensorflow" in page and hashlib.sha256(teacher).hexdigest() in page
-    assert "Nothing to be done" in run(["snakemake", *configs, "-n"], repo).stdout
+    assert "Nothing to be done" in run(["snakemake", "--configfile", "config/cifar10.yaml", "-n"], repo).stdout
+
+    # the other preset reuses the downloads, the dataset and the reference statistics as they are
+    planned = run(["snakemake", "--configfile", "config/cifar10-1hour.yaml", "-n"], repo).stdout
+    rules = set(re.findall(r"^rule (\w+):", planned, re.M)) | set(re.findall(r"^localrule (\w+):", planned, re.M))
+    assert rules == {"teacher", "tune", "sample", "fid", "fid_curve", "report", "all"}, planned[-3000:]
+
+    # DVC: record the Snakemake run, then nothing to do; the shared files are in dvc.lock
+    target = f"{dvcfile}:report@cifar10"
+    run(["dvc", "commit", "--force", "--with-deps", target], repo)  # what `make record STAGE=...` runs
+    assert "up to date" in run(["dvc", "status", "--with-deps", target], repo).stdout
+    assert "Running stage" not in run(["dvc", "repro", target], repo).stdout
+    lock = yaml.safe_load((repo / "pipelines/cifar10/dvc.lock").read_text())["stages"]
+    recorded = {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])}
+    for name in ["downloads/cifar-10-python.tar.gz", "teachers/edm-cifar10-32x32-uncond-vp.pkl",
+                 "fid/inception-2015-12-05.pt", "fid/cifar10-32-inception-reference.npz", "datasets/cifar10-32/dataset.npz"]:
+        assert recorded[f"resources/{name}"] == md5((repo / "resources" / name).read_bytes()), name
+    out = run(["dvc", "repro", "-f", "-s", f"{dvcfile}:fid_reference"], repo).stdout
+    assert re.findall(r"Running stage '([^']+)'", out) == [f"{dvcfile}:fid_reference"]
+    assert "up to date" in run(["dvc", "status", "--with-deps", target], repo).stdout  # bit-identical statistics
+    # DVC runs the other preset from the shared files: only its own stages run
+    out = run(["dvc", "repro", f"{dvcfile}:report@cifar10-1hour"], repo).stdout
+    assert {name.split("@")[0] for name in re.findall(r"Running stage '[^:]+:([^']+)'", out)} == \
+        {"teacher", "tune", "sample_teacher", "sample_ect", "fid", "fid_curve", "report"}
+    assert "2.73" in (repo / "reports" / "cifar10-1hour" / "index.html").read_text()
 
 
 def test_tune_runs_one_process_per_requested_gpu_under_torchrun(tmp_path):
