@@ -63,12 +63,12 @@ def threads_of(rule_name):
     return settings_of(rule_name)["threads"]
 
 
-def fetch_args(entry):
-    """`ect fetch` arguments of a download: its url and whichever of md5/sha256 is pinned.
+def checksum_args(entry):
+    """`--md5 X --sha256 Y ` (trailing space) for whichever checksums a config entry pins; "" for none.
 
-    Download rules take these values rather than the config files, so presets that share a download
-    (and the steps after it under resources/) do not rerun it when the preset changes."""
-    return " ".join([entry["url"], *(f"--{key} {entry[key]}" for key in ("md5", "sha256") if entry.get(key))])
+    Steps whose outputs under resources/ several presets share (downloads, reference statistics) take
+    these values rather than the config files, so changing preset does not rerun them."""
+    return "".join(f"--{key} {entry[key]} " for key in ("md5", "sha256") if entry.get(key))
 
 
 def checkpoint_of(wildcards):

@@ -12,11 +12,12 @@ if config["dataset"]["source"] != "digits":  # a downloaded dataset (cifar10)
         benchmark:
             f"{BENCH}/fetch_dataset.tsv"
         params:
-            source=fetch_args(config["dataset"]),
+            url=config["dataset"]["url"],
+            checksums=checksum_args(config["dataset"]),
         resources:
             **resources_of("fetch_dataset"),
         shell:
-            "ect fetch {params.source} --out {output} --no-progress > {log} 2>&1"
+            "ect fetch {params.url} {params.checksums}--out {output} --no-progress > {log} 2>&1"
 
 
 rule dataset:

@@ -35,11 +35,12 @@ else:  # Inception: clean-fid's TorchScript file, fetched into resources/
         benchmark:
             f"{BENCH}/fetch_feature_net.tsv"
         params:
-            source=fetch_args(config["fid"]["feature_net"]),
+            url=config["fid"]["feature_net"]["url"],
+            checksums=checksum_args(config["fid"]["feature_net"]),
         resources:
             **resources_of("fetch_feature_net"),
         shell:
-            "ect fetch {params.source} --out {output} --no-progress > {log} 2>&1"
+            "ect fetch {params.url} {params.checksums}--out {output} --no-progress > {log} 2>&1"
 
 
 rule fid_reference:
@@ -57,13 +58,13 @@ rule fid_reference:
         f"{BENCH}/fid_reference.tsv"
     params:  # the feature network's settings, not the config files: presets on one dataset share REFERENCE
         kind=config["fid"]["feature_net"]["kind"],
-        sha256=f"--sha256 {config['fid']['feature_net']['sha256']} " if config["fid"]["feature_net"].get("sha256") else "",
+        checksums=checksum_args(config["fid"]["feature_net"]),
         modes=" ".join(config["fid"]["modes"]),
     threads: threads_of("fid_reference")
     resources:
         **resources_of("fid_reference"),
     shell:
-        "ect fid-stats --data {input.data} --feature-net {input.feature_net} --kind {params.kind} {params.sha256}"
+        "ect fid-stats --data {input.data} --feature-net {input.feature_net} --kind {params.kind} {params.checksums}"
         "--modes {params.modes} --out {output} --no-progress > {log} 2>&1"
 
 

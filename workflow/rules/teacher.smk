@@ -38,11 +38,12 @@ else:  # a pretrained EDM pickle
         benchmark:
             f"{BENCH}/fetch_teacher.tsv"
         params:
-            source=fetch_args(config["teacher"]),
+            url=config["teacher"]["url"],
+            checksums=checksum_args(config["teacher"]),
         resources:
             **resources_of("fetch_teacher"),
         shell:
-            "ect fetch {params.source} --out {output} --no-progress > {log} 2>&1"
+            "ect fetch {params.url} {params.checksums}--out {output} --no-progress > {log} 2>&1"
 
     rule teacher:
         """Convert the EDM pickle to our checkpoint without executing anything from it."""
