@@ -63,6 +63,14 @@ def threads_of(rule_name):
     return settings_of(rule_name)["threads"]
 
 
+def config_files(wildcards, input):
+    """CONFIG, as a rule's `config` param. A param function that takes `input` counts as derived from
+    the input files, and Snakemake's params rerun trigger skips those: so a changed list of files (an
+    overlay that only sets resources, say) reruns no step. The config values a step reads are its other
+    params, and a change to those does rerun it (tests/test_pipeline.py checks both)."""
+    return CONFIG
+
+
 def checksum_args(entry):
     """`--md5 X --sha256 Y ` (trailing space) for whichever checksums a config entry pins; "" for none.
 

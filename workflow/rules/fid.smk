@@ -13,7 +13,7 @@ if config["fid"]["feature_net"]["kind"] == "digits-classifier":  # toy: trained 
         benchmark:
             f"{BENCH}/feature_net.tsv"
         params:
-            config=CONFIG,
+            config=config_files,
             settings=config["fid"]["feature_net"],
         threads: threads_of("feature_net")
         resources:
@@ -85,7 +85,7 @@ rule fid:
     benchmark:
         f"{BENCH}/fid-{{set}}.tsv"
     params:
-        config=CONFIG,
+        config=config_files,
         sets=config["sample"]["sets"],
         modes=config["fid"]["modes"],
     threads: threads_of("fid")
@@ -111,8 +111,9 @@ rule fid_curve:
     benchmark:
         f"{BENCH}/fid_curve.tsv"
     params:
-        config=CONFIG,
+        config=config_files,
         settings=config["fid"],
+        t_mid=config["sample"]["t_mid"],  # the 2-step curve samples with it
     threads: threads_of("fid_curve")
     resources:
         **resources_of("fid_curve"),

@@ -17,8 +17,9 @@ rule report:
         f"{BENCH}/report.tsv"
     params:
         results=lambda wildcards, input: os.path.dirname(input.checkpoints[0]),
+        # the report shows the config files and the merged config: any change rebuilds it (seconds)
         config=CONFIG,
-        report=config["report"],
+        settings=config,
     resources:
         **resources_of("report"),
     shell:

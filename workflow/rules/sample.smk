@@ -14,7 +14,7 @@ rule sample:
     benchmark:
         f"{BENCH}/sample-{{set}}.tsv"
     params:
-        config=CONFIG,
+        config=config_files,
         settings=config["sample"],
     threads: threads_of("sample")
     resources:

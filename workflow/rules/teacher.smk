@@ -14,7 +14,7 @@ if config["teacher"]["source"] == "pretrain":  # toy: a small teacher trained he
         benchmark:
             f"{BENCH}/pretrain.tsv"
         params:
-            config=CONFIG,
+            config=config_files,
             settings=config["pretrain"],
             state=f"{RESULTS}/state/pretrain",  # resumable state: not an output, so a retry resumes
         threads: threads_of("pretrain")

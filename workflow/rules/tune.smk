@@ -14,7 +14,7 @@ rule tune:
     benchmark:
         f"{BENCH}/tune.tsv"
     params:
-        config=CONFIG,
+        config=config_files,
         settings=config["tune"],
         state=f"{RESULTS}/state/tune",  # resumable state: not an output, so a retry resumes
         # one process per GPU on this node (torchrun); a single process without torchrun otherwise
