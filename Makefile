@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench record
+.PHONY: venv demo test bench record device-wheels
 venv: $(VENV)/.installed
 
 # The venv is rebuilt when pyproject.toml changes; torch 2.14.1 is pinned there.
@@ -28,3 +28,8 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/step_time.py
+
+# For a lent GPU machine (no network there, PyTorch installed): the one package of ours it lacks, as a
+# wheel for benchmarks/device_check.sh to install there (carry .whl along).
+device-wheels: venv
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl clean-fid==0.1.35

@@ -1,0 +1,26 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+
+
+@pytest.mark.slow
+def test_device_check_goes_through_every_step_on_cpu_at_smoke_sizes(tmp_path):
+    """benchmarks/device_check.sh is what a lent GPU machine runs, in one call with little time to spare: its
+    --smoke run here takes the same steps (the CUDA-only tests, skipped here; gpu_check.py on a tiny network)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 skipped" in (tmp_path / "cuda-tests.log").read_text()  # the CUDA variant was collected
+    lines = (tmp_path / "gpu-check.log").read_text().splitlines()
+    rows = json.loads("\n".join(lines[lines.index("{"):]))
+    assert [r["precision"] for r in rows["train"]] == ["fp32", "bf16 autocast"]
+    assert all(r["img_per_s"] > 0 and r["iters"] == 2 for r in rows["train"])
+    assert rows["fid"]["samples"] == 16 and rows["fid"]["projected_50k_fid_min"] > 0
+    assert not (tmp_path / "RESULTS.md").exists()  # a smoke run records nothing
