@@ -13,6 +13,12 @@ import yaml
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
+# Training options that decide only when a run logs a tick and saves its resumable state, never what
+# it computes: a run resumes under other values (more frequent saves on a cluster that preempts, say),
+# and changing them reruns no pipeline step.
+CADENCE_KEYS = ("tick_kimg", "state_kimg")
+
+
 class ConfigError(ValueError):
     pass
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ect.checkpoint import load_state_by_name, read_checkpoint, save_checkpoint
+from ect.config import CADENCE_KEYS
 from ect.data import load_dataset
 from ect.fileio import atomic_path, sha256_file, write_text_atomic
 from ect.loss import ECTLossConfig, EDMLossConfig, ect_loss, edm_loss, stage_at
@@ -114,7 +115,9 @@ class TrainConfig:
         return self.lr
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """What the run computes: every option but CADENCE_KEYS. A state resumes only under the same digest."""
+        computed = {k: v for k, v in dataclasses.asdict(self).items() if k not in CADENCE_KEYS}
+        return hashlib.sha256(json.dumps(computed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

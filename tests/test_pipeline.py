@@ -177,6 +177,7 @@ def test_an_overlay_reruns_only_the_steps_that_read_what_it_changes(toy_run, tmp
         return _planned_jobs(run(["snakemake", "-n", "--configfile", "config/config.yaml", str(path)], repo).stdout)
 
     assert planned({"resources": {"fid_curve": {"runtime": 99}}}) == {"report": 1, "all": 1}
+    assert planned({"tune": {"state_kimg": 0.5, "tick_kimg": 0.5}}) == {"report": 1, "all": 1}  # when to save and log
     assert planned({"sample": {"t_mid": [0.5]}}) == {"sample": 4, "fid": 4, "fid_curve": 1, "report": 1, "all": 1}
     assert planned({"tune": {"lr": 0.5}}) == {"tune": 1, "sample": 2, "fid": 2, "fid_curve": 1, "report": 1, "all": 1}
 

@@ -90,7 +90,7 @@ def test_tune_writes_outputs_and_sigkill_resume_is_bit_identical(setup):
     assert state_dicts_equal(read_checkpoint(tmp / "full-snaps" / snaps[-1])["state_dict"], full["state_dict"])
 
 
-def test_sigterm_saves_state_exits_75_and_resumes(setup):
+def test_sigterm_saves_state_exits_75_and_resumes_even_with_other_save_and_log_intervals(setup):
     tmp, data, teacher = setup
     config = write_config(tmp / "c.yaml", tune={"kimg": 0.8, "state_kimg": 10})  # periodic state: never
     run_ect(*tune_args(tmp, data, teacher, config, "full"))
@@ -104,8 +104,11 @@ def test_sigterm_saves_state_exits_75_and_resumes(setup):
     assert "rerun the same command to resume" in err
     saved = torch.load(tmp / "term-state" / "state.pt", weights_only=True)["iteration"]
     assert 5 <= saved < 100
-    run_ect(*args)
+    # resumed with more frequent saves and ticks (CADENCE_KEYS): accepted, and the same weights
+    resume_config = write_config(tmp / "more-often.yaml", tune={"kimg": 0.8, "state_kimg": 0.016, "tick_kimg": 0.008})
+    run_ect(*tune_args(tmp, data, teacher, resume_config, "term"))
     assert state_dicts_equal(read_checkpoint(tmp / "term.pt")["state_dict"], read_checkpoint(tmp / "full.pt")["state_dict"])
+    assert read_checkpoint(tmp / "term.pt")["meta"] == read_checkpoint(tmp / "full.pt")["meta"]
 
 
 def test_diverging_loss_stops_and_keeps_last_good_state(setup):

@@ -4,7 +4,7 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from ect.config import ConfigError, load_config, validate_config
+from ect.config import CADENCE_KEYS, ConfigError, load_config, validate_config
 
 # The same files, in the same order, are handed to every `ect` step, so a step sees exactly the
 # config Snakemake validated. `--config key=value` has no file to hand over: use an overlay file.
@@ -69,6 +69,12 @@ def config_files(wildcards, input):
     overlay that only sets resources, say) reruns no step. The config values a step reads are its other
     params, and a change to those does rerun it (tests/test_pipeline.py checks both)."""
     return CONFIG
+
+
+def training_settings(section):
+    """A training section as a rule's params, without CADENCE_KEYS: changing when a run logs and saves
+    reruns nothing (and a run in progress resumes under the new values)."""
+    return {k: v for k, v in config[section].items() if k not in CADENCE_KEYS}
 
 
 def checksum_args(entry):

@@ -15,7 +15,7 @@ if config["teacher"]["source"] == "pretrain":  # toy: a small teacher trained he
             f"{BENCH}/pretrain.tsv"
         params:
             config=config_files,
-            settings=config["pretrain"],
+            settings=training_settings("pretrain"),
             state=f"{RESULTS}/state/pretrain",  # resumable state: not an output, so a retry resumes
         threads: threads_of("pretrain")
         resources:

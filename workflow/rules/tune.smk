@@ -15,7 +15,7 @@ rule tune:
         f"{BENCH}/tune.tsv"
     params:
         config=config_files,
-        settings=config["tune"],
+        settings=training_settings("tune"),
         state=f"{RESULTS}/state/tune",  # resumable state: not an output, so a retry resumes
         # one process per GPU on this node (torchrun); a single process without torchrun otherwise
         launcher=(f"torchrun --standalone --nproc_per_node={gpus_of('tune')} -m ect.cli"
