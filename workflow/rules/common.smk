@@ -40,14 +40,14 @@ SAMPLE_SETS = ["teacher-1step", "teacher-heun", "ect-1step", "ect-2step"]
 REPORT = f"reports/{RUN}/index.html"
 
 
-def settings_of(rule_name):
+def resource_settings_of(rule_name):
     """The config's resources.default, overridden by resources.<rule>."""
     return {**config["resources"]["default"], **config["resources"].get(rule_name, {})}
 
 
 def resources_of(rule_name):
     """A rule's Snakemake resources: its settings without threads, and no gpu key when it asks for none."""
-    res = settings_of(rule_name)
+    res = resource_settings_of(rule_name)
     res.pop("threads")
     if not res.get("gpu"):
         res.pop("gpu", None)
@@ -60,7 +60,7 @@ def gpus_of(rule_name):
 
 
 def threads_of(rule_name):
-    return settings_of(rule_name)["threads"]
+    return resource_settings_of(rule_name)["threads"]
 
 
 def config_files(wildcards, input):
