@@ -1,11 +1,8 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # test helpers (edm_format, ...)
 torch.set_num_threads(int(os.environ.get("ECT_TEST_THREADS", "2")))
 
 

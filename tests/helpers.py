@@ -1,19 +1,45 @@
-"""Small datasets, teachers and configs for trainer and sampler tests."""
+"""Everything the tests share: small datasets, teachers and configs; files in the exact formats of the
+downloads (EDM snapshots, the CIFAR-10 tarball, clean-fid's Inception file); a loopback HTTP server;
+and running `ect`, Snakemake and DVC in a copy of the repository.
+
+The format writers produce, from our own code, the byte-level structure of the real files: EDM's
+code and weights are not ours to ship. Each section says what it reproduces.
+"""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import http.server
+import io
 import os
+import pickle
+import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import threading
+import time
+import types
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import nn
 
+from ect import networks
 from ect.checkpoint import save_checkpoint
 from ect.data import save_dataset
 from ect.networks import build_network
-from edm_format import randomized
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment's `ect`, `snakemake` and `dvc`
+
+
+# ---- Small datasets, teachers and configs for trainer and sampler tests
 
 TINY_ARCH = dict(kind="edm", img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
                  attn_resolutions=[4], dropout=0.0)
@@ -30,9 +56,6 @@ def make_teacher(path, seed=0, **arch):
     net = randomized(build_network({**TINY_ARCH, **arch}), seed=seed, scale=0.05)
     save_checkpoint(path, {**TINY_ARCH, **arch}, net.state_dict(), {"producer": "test"})
     return path
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def toy_config() -> dict:
@@ -65,3 +88,294 @@ def run_ect(*args, check=True, **kwargs):
 
 def state_dicts_equal(a, b) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+# ---- EDM snapshots. The byte-level structure of EDM's `torch_utils.persistence` pickles, made from our
+# own networks: every EDM layer class reduces to `torch_utils.persistence._reconstruct_persistent_obj`
+# with a `meta` dict (type/version/module_src/class_name/state); `enc`/`dec` are plain
+# `torch.nn.ModuleDict` pickles; tensors and parameters are pickled the way torch pickles them
+# (`_rebuild_tensor_v2` / `_rebuild_parameter` / `_load_from_bytes` of a legacy blob); UNetBlock's
+# `skip_scale` is a numpy float64 scalar. The globals are exactly those of a pickle written by EDM's code.
+
+MODULE_SRC = "# stand-in for EDM's training/networks.py (never executed by ect)\n"
+EDM_CLASS = {networks.Linear: "Linear", networks.Conv2d: "Conv2d", networks.GroupNorm: "GroupNorm",
+             networks.PositionalEmbedding: "PositionalEmbedding", networks.UNetBlock: "UNetBlock",
+             networks.SongUNet: "SongUNet"}
+
+
+def _reconstruct_persistent_obj(meta):  # only its name matters: it is pickled by reference
+    raise AssertionError("never called")
+
+
+@contextlib.contextmanager
+def _fake_torch_utils():
+    """Make ``torch_utils.persistence._reconstruct_persistent_obj`` resolvable while pickling."""
+    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    pkg.persistence = mod
+    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
+    sys.modules.update({"torch_utils": pkg, "torch_utils.persistence": mod})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+class Persistent:
+    """Pickles as EDM's persistent-class reduce: ``_reconstruct_persistent_obj(meta)``."""
+
+    def __init__(self, class_name, state, module_src=MODULE_SRC, version=6):
+        self.meta = dict(type="class", version=version, module_src=module_src, class_name=class_name, state=state)
+
+    def __reduce__(self):
+        return (_reconstruct_persistent_obj, (self.meta,))
+
+
+def _module_state(module, init_kwargs=None, extra=None, drop=()):
+    state = {k: v for k, v in module.__dict__.items() if k not in drop}
+    state["_modules"] = {name: _convert(child) for name, child in module._modules.items()}
+    state["_init_args"] = ()
+    state["_init_kwargs"] = dict(init_kwargs or {})
+    state.update(extra or {})
+    return state
+
+
+def _convert(module):
+    if isinstance(module, torch.nn.ModuleDict):
+        plain = torch.nn.ModuleDict()  # pickled the ordinary way, as EDM's non-persistent containers are
+        plain.__dict__["_modules"] = {name: _convert(child) for name, child in module._modules.items()}
+        return plain
+    extra = {}
+    if isinstance(module, networks.UNetBlock):
+        extra = dict(emb_channels=module.affine.in_features, skip_scale=np.sqrt(0.5), adaptive_scale=False)
+    if isinstance(module, networks.Conv2d):
+        extra = dict(fused_resample=False)
+    return Persistent(EDM_CLASS[type(module)], _module_state(module, extra=extra))
+
+
+def edm_network(net: networks.Precond, unet_kwargs: dict, class_name="EDMPrecond") -> Persistent:
+    """An EDMPrecond (or ECT's ECMPrecond) persistent record around ``net.model``."""
+    common = dict(img_resolution=net.img_resolution, label_dim=net.label_dim)
+    unet_init = dict(common, in_channels=net.img_channels, out_channels=net.img_channels,
+                     embedding_type="positional", encoder_type="standard", decoder_type="standard", **unet_kwargs)
+    unet = Persistent("SongUNet", _module_state(net.model, init_kwargs=unet_init))
+    precond_init = dict(common, img_channels=net.img_channels, use_fp16=False, model_type="SongUNet",
+                        embedding_type="positional", encoder_type="standard", decoder_type="standard", **unet_kwargs)
+    sigma_min = 0.003 if class_name == "ECMPrecond" else 0.0
+    state = _module_state(net, init_kwargs=precond_init,
+                          drop=("kind", "sigma_min", "sigma_data", "img_resolution", "img_channels", "label_dim"),
+                          extra=dict(img_resolution=net.img_resolution, img_channels=net.img_channels,
+                                     label_dim=net.label_dim, use_fp16=False, sigma_min=sigma_min,
+                                     sigma_max=float("inf"), sigma_data=0.5))
+    state["_modules"] = {"model": unet}
+    return Persistent(class_name, state)
+
+
+def edm_snapshot_bytes(net: networks.Precond, unet_kwargs: dict, class_name="EDMPrecond", protocol=4) -> bytes:
+    """Bytes of ``pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...))``."""
+    net = net.eval().requires_grad_(False).cpu()
+    if class_name == "ECMPrecond":
+        loss_state = dict(P_mean=-1.1, P_std=2.0, sigma_data=0.5, q=2.0, k=8.0, b=1.0, c=0.0)
+        loss = Persistent("ECMLoss", loss_state)
+        loss_state["t_to_r"] = _BoundMethod(loss, "t_to_r_sigmoid")  # ECT pickles a bound method of itself
+        augment = None
+    else:
+        loss = Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5))
+        augment = Persistent("AugmentPipe", dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1,
+                                                  aniso=1, translate_frac=1, _init_args=(), _init_kwargs={}),
+                             module_src="# stand-in for EDM's training/augment.py\n")
+    data = dict(ema=edm_network(net, unet_kwargs, class_name), loss_fn=loss, augment_pipe=augment,
+                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="datasets/x.zip",
+                                    use_labels=False, xflip=False, cache=True, resolution=net.img_resolution,
+                                    max_size=50000))
+    with _fake_torch_utils():
+        return pickle.dumps(data, protocol=protocol)
+
+
+class _BoundMethod:
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def __reduce__(self):
+        return (getattr, (self.obj, self.name))
+
+
+def malicious_pickle(callable_, *args) -> bytes:
+    """A pickle whose loading would call ``callable_(*args)``."""
+
+    class Evil:
+        def __reduce__(self):
+            return (callable_, args)
+
+    return pickle.dumps({"ema": Evil()}, protocol=4)
+
+
+def small_unet_kwargs(**overrides):
+    kwargs = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def randomized(net: torch.nn.Module, seed=0, scale=0.05) -> torch.nn.Module:
+    """Fill every parameter with noise so zero-initialised layers take part in comparisons."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return net
+
+
+# ---- CIFAR-10: small archives in the format of cifar-10-python.tar.gz
+
+def cifar_tarball(per_batch: int = 4, seed: int = 0, extra_global: bool = False) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Bytes of a .tar.gz with data_batch_1..5 (+ test_batch, batches.meta); and the NHWC images and labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(5 * per_batch, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=5 * per_batch)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name, obj):
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size, info.mtime = len(blob), 1234567890
+            tar.addfile(info, io.BytesIO(blob))
+        for b in range(5):
+            sl = slice(b * per_batch, (b + 1) * per_batch)
+            batch = {b"batch_label": b"training batch", b"labels": labels[sl].tolist(),
+                     b"data": images[sl].transpose(0, 3, 1, 2).reshape(per_batch, 3072), b"filenames": []}
+            if extra_global and b == 2:
+                batch[b"payload"] = print  # a global that is not numpy array data
+            add(f"data_batch_{b + 1}", batch)
+        add("test_batch", {b"labels": [], b"data": np.zeros((0, 3072), np.uint8)})
+        add("batches.meta", {b"label_names": [b"airplane"]})
+    return buf.getvalue(), images, labels
+
+
+# ---- Inception: a small TorchScript module with the interface of clean-fid's inception-2015-12-05.pt.
+# `forward(x, return_features=True)` takes float images in [0, 255] at any size and resizes them to
+# 299x299 inside (as the real file does for legacy_tensorflow); `layers` takes 299x299 images already
+# normalised to [-1, 1] (clean mode). Both return 2048-d features: a random projection, not Inception.
+
+class _Layers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(8)
+        self.proj = nn.Linear(3 * 8 * 8, 2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(self.pool(x).flatten(1)))
+
+
+class _InceptionLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = _Layers()
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.layers((x - 128) / 128)
+
+
+def inception_like_bytes(seed: int = 0) -> bytes:
+    torch.manual_seed(seed)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # TorchScript is deprecated, but it is the real file's format
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(_InceptionLike().eval()), buf)
+    return buf.getvalue()
+
+
+# ---- A loopback HTTP server (127.0.0.1) serving files the tests make, with faults on demand.
+# `/<name>` serves files[name] honouring Range; `/truncate/<name>` always closes the connection halfway;
+# `/flaky/<name>` closes halfway on the first request only; `/stall/<name>` sends half, then stops
+# talking. Anything else is a 404. `requests` logs (path, Range header).
+
+class LoopbackServer:
+    def __init__(self, files: dict[str, bytes], stall_seconds: float = 5.0):
+        self.files, self.requests, self.stall_seconds = files, [], stall_seconds
+        self._seen: set[str] = set()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                fault, _, name = self.path.lstrip("/").partition("/") if self.path.count("/") > 1 else ("", "", self.path.lstrip("/"))
+                data = server.files.get(name)
+                if data is None or fault not in ("", "truncate", "flaky", "stall"):
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if m and fault != "truncate":
+                    start = int(m[1])
+                    if start >= len(data):
+                        self.send_error(416, "Range Not Satisfiable")
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                cut = fault == "truncate" or fault == "stall" or (fault == "flaky" and name not in server._seen)
+                server._seen.add(name)
+                if cut:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    if fault == "stall":
+                        time.sleep(server.stall_seconds)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+# ---- Running commands in a copy of the repository
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd, cwd, check=True, timeout=900):
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def clone_repo(dst: Path) -> Path:
+    """A copy of the working tree (tracked and new files, nothing ignored) as a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "snapshot"]):
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    return dst
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -3,8 +3,7 @@ import pytest
 
 from ect.data import DatasetError, load_dataset
 from ect.data.cifar10 import read_cifar10_train
-from cifar_format import cifar_tarball
-from helpers import run_ect
+from tests.helpers import cifar_tarball, run_ect
 
 
 def test_reads_the_five_training_batches_in_order_as_nhwc(tmp_path):

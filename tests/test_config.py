@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from ect.config import ConfigError, load_config, merge
-from helpers import ROOT, run_ect
+from tests.helpers import ROOT, run_ect
 
 TOY = ROOT / "config" / "config.yaml"
 

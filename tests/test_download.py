@@ -7,7 +7,7 @@ import pytest
 
 from ect.download import DownloadError, download
 from ect.fileio import ChecksumError
-from loopback import LoopbackServer
+from tests.helpers import LoopbackServer
 
 DATA = os.urandom(300_000)
 MD5, SHA = hashlib.md5(DATA).hexdigest(), hashlib.sha256(DATA).hexdigest()

@@ -10,7 +10,7 @@ from ect.cli import main as ect_main
 from ect.edm import EDMFormatError, UnsafePickleError, convert_edm_pickle, load_edm_pickle, read_edm_network
 from ect.fileio import ChecksumError, sha256_file
 from ect.networks import build_network
-from edm_format import edm_snapshot_bytes, malicious_pickle, randomized, small_unet_kwargs
+from tests.helpers import edm_snapshot_bytes, malicious_pickle, randomized, small_unet_kwargs
 
 
 def make_edm_file(tmp_path, class_name="EDMPrecond", **unet):

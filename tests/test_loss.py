@@ -6,7 +6,7 @@ from scipy.stats import norm
 
 from ect.loss import ECTLossConfig, EDMLossConfig, distance, ect_loss, edm_loss, sample_t, stage_at, t_to_r, weighting
 from ect.networks import build_network
-from edm_format import randomized
+from tests.helpers import randomized
 
 F64 = torch.float64
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ect.networks import Precond, PositionalEmbedding, build_network, count_parameters
-from edm_format import randomized
+from tests.helpers import randomized
 
 CIFAR_UNET = dict(img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
                   attn_resolutions=[16], dropout=0.2)

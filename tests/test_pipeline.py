@@ -19,41 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT
+from tests.helpers import BIN, ROOT, clone_repo, env, run, sha256
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 SETS = ["teacher-1step", "teacher-heun", "ect-1step", "ect-2step"]
-
-
-def env():
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run(cmd, cwd, check=True, timeout=900):
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def clone_repo(dst: Path) -> Path:
-    """A copy of the working tree (tracked and new files, nothing ignored) as a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        src = ROOT / name
-        if src.is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "snapshot"]):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
-    return dst
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def tracked_outputs(repo: Path) -> dict[str, str]:
@@ -338,12 +307,10 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     config/cifar10.yaml runs to the report without a network. Switching to config/cifar10-1hour.yaml reuses
     every shared file under resources/. DVC then records the run, reproduces a shared stage identically and runs
     the other preset."""
-    from cifar_format import cifar_tarball
     from ect.config import merge
-    from edm_format import edm_snapshot_bytes, randomized, small_unet_kwargs
     from ect.networks import build_network
-    from inception_format import inception_like_bytes
-    from loopback import LoopbackServer
+    from tests.helpers import (LoopbackServer, cifar_tarball, edm_snapshot_bytes, inception_like_bytes, randomized,
+                               small_unet_kwargs)
 
     repo = clone_repo(tmp_path / "repo")
     tarball, _, _ = cifar_tarball(per_batch=8)

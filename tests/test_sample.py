@@ -5,7 +5,7 @@ import torch
 from ect.checkpoint import load_network
 from ect.sample import (SeededNoise, consistency_sampler, generate, heun_sampler, heun_sigmas, load_samples,
                         merge_samples, parse_seeds, to_uint8)
-from helpers import make_teacher, run_ect, toy_config
+from tests.helpers import make_teacher, run_ect, toy_config
 
 
 class Recorder(torch.nn.Module):

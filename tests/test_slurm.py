@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from test_pipeline import clone_repo, env, run
+from tests.helpers import clone_repo, env, run
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import yaml
 
 from ect.checkpoint import read_checkpoint
 from ect.train import TrainConfig, batch_indices, batch_noise, train
-from helpers import ect_command, make_dataset, make_teacher, run_ect, state_dicts_equal, write_config
+from tests.helpers import ect_command, make_dataset, make_teacher, run_ect, state_dicts_equal, write_config
 
 
 @pytest.fixture
