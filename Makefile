@@ -1,8 +1,9 @@
-# Entry points. `make test` creates the virtual environment on first use.
+# Entry points. Every target creates the virtual environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BIN := $(abspath $(VENV))/bin
 
-.PHONY: venv demo test bench record device-wheels
+.PHONY: venv demo test test-fast lint dvc bench device-wheels
 venv: $(VENV)/.installed
 
 # The venv is rebuilt when pyproject.toml changes; torch 2.14.1 is pinned there.
@@ -14,17 +15,24 @@ $(VENV)/.installed: pyproject.toml
 
 # The whole pipeline on the embedded toy default (config/config.yaml): report in reports/toy/index.html.
 demo: venv
-	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake
+	PATH="$(BIN):$$PATH" snakemake
 
-# After a successful Snakemake run: record its outputs in DVC (dvc.lock), so that `dvc status` of
-# that pipeline is clean. Default: the toy (dvc.yaml). A CIFAR-10 preset:
-#   make record STAGE=pipelines/cifar10/dvc.yaml:report@cifar10
-STAGE ?= dvc.yaml
-record: venv
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc commit --force --with-deps $(STAGE)
-
+# The test suite (what CI runs), and its quick part (no end-to-end runs) for your own loop.
 test: venv
 	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+# ruff (pyflakes, import order, bugbear, pyupgrade), snakefmt, and Snakemake's linter on every preset.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check workflow
+	for preset in config/*.yaml; do PATH="$(BIN):$$PATH" snakemake --lint --configfile $$preset || exit 1; done
+
+# The DVC pipelines (dvc.yaml, pipelines/<preset>/dvc.yaml), generated from the Snakemake workflow.
+dvc: venv
+	PATH="$(BIN):$$PATH" $(PY) workflow/generate_dvc.py
 
 bench: venv
 	$(PY) benchmarks/step_time.py

@@ -30,6 +30,7 @@ from ect.fid import FeatureExtractor, compute_features
 from ect.loss import ECTLossConfig, ect_loss
 from ect.networks import build_network, count_parameters
 from ect.sample import generate
+from ect.train import ema_update
 
 CIFAR10 = dict(kind="ect", img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
                attn_resolutions=[16], dropout=0.2)
@@ -62,9 +63,7 @@ def train_throughput(arch, batch, iters, device, bf16: bool) -> dict:
             loss, _ = ect_loss(net, net, y, tn, eps, stage=3, cfg=cfg)
         loss.float().mean().backward()
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1e-4)
+        ema_update(ema, net, 0.9999)
     _sync(device)
     seconds = time.perf_counter() - start
     return {"precision": "bf16 autocast" if bf16 else "fp32", "iters": iters, "batch": batch,

@@ -20,6 +20,7 @@ import yaml
 
 from ect.loss import ECTLossConfig, ect_loss
 from ect.networks import build_network, count_parameters
+from ect.train import ema_update
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = dict(kind="ect", img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
@@ -49,9 +50,7 @@ def step_times(arch: dict, batch: int, steps: int, device: torch.device) -> dict
         loss, _ = ect_loss(net, net, y, tn, eps, stage=3, cfg=cfg)  # stage 3: every sample runs the target pass
         loss.mean().backward()
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1e-4)
+        ema_update(ema, net, 0.9999)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:

@@ -11,7 +11,7 @@ import io
 import torch
 
 from ect.fileio import write_bytes_atomic
-from ect.networks import Precond, build_network
+from ect.networks import ArchError, Precond, build_network, parameter_shapes
 
 
 class CheckpointError(ValueError):
@@ -29,10 +29,31 @@ def read_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt zips / pickles
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {' '.join(str(exc).split())[:300]}") from exc
     if not isinstance(ckpt, dict) or not {"arch", "state_dict", "meta"} <= set(ckpt):
         raise CheckpointError(f"{path} is not an ect checkpoint (expected keys arch, state_dict, meta)")
+    state = ckpt["state_dict"]
+    if not isinstance(ckpt["arch"], dict) or not isinstance(ckpt["meta"], dict) or not isinstance(state, dict) \
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path} is not an ect checkpoint (arch, meta and a state_dict of named tensors)")
     return ckpt
+
+
+def check_weights(arch: dict, state_dict: dict, where="checkpoint") -> None:
+    """Every weight the network ``arch`` describes is in ``state_dict`` with its shape, and none is left
+    over; checked on shapes alone, before a network is built (a file cannot make us allocate more than
+    it holds)."""
+    try:
+        shapes = parameter_shapes(arch)
+    except (ArchError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    missing, extra = sorted(set(shapes) - set(state_dict)), sorted(set(state_dict) - set(shapes))
+    if missing or extra:
+        raise CheckpointError(f"{where}: the weights do not match the network its kwargs describe "
+                              f"({len(missing)} missing, e.g. {missing[:3]}; {len(extra)} unexpected, e.g. {extra[:3]})")
+    for name, shape in shapes.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise CheckpointError(f"{where}: {name} has shape {tuple(state_dict[name].shape)}, the network's is {shape}")
 
 
 def load_state_by_name(net: torch.nn.Module, source: dict, allow_missing: bool = False) -> list[str]:
@@ -54,8 +75,15 @@ def load_state_by_name(net: torch.nn.Module, source: dict, allow_missing: bool =
 
 
 def load_network(path, device="cpu", **arch_overrides) -> Precond:
-    """The preconditioned network D(x; σ) stored at ``path``, in eval mode."""
+    """The preconditioned network D(x; σ) stored at ``path``, in eval mode. Its weights must match its
+    kwargs exactly and be finite."""
     ckpt = read_checkpoint(path)
-    net = build_network({**ckpt["arch"], **arch_overrides})
+    arch = {**ckpt["arch"], **arch_overrides}
+    check_weights(arch, ckpt["state_dict"], str(path))
+    bad = next((name for name, t in ckpt["state_dict"].items() if t.is_floating_point() and not t.isfinite().all()),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: weight {bad} holds NaN or infinite values; the checkpoint is unusable")
+    net = build_network(arch)
     load_state_by_name(net, ckpt["state_dict"])
     return net.eval().requires_grad_(False).to(device)

@@ -97,6 +97,8 @@ def compute_features(images: np.ndarray, extractor: FeatureExtractor, batch: int
     """uint8 NHWC images -> (N, D) float64 features."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise FIDError(f"FID needs uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
+    if batch < 1:
+        raise FIDError(f"batch must be at least 1, not {batch}")
     chunks = range(0, len(images), batch)
     return np.concatenate([extractor(images[i:i + batch]) for i in tqdm(
         chunks, desc=f"features ({extractor.mode})", unit="batch", disable=not progress)])
@@ -154,3 +156,95 @@ def fid_of_sets(features: np.ndarray, mu_ref, sigma_ref, sets: int) -> list[floa
         raise FIDError(f"cannot split {len(features)} samples into {sets} sets of at least 2")
     size = len(features) // sets
     return [frechet_distance(*statistics(features[i * size:(i + 1) * size]), mu_ref, sigma_ref) for i in range(sets)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline's scoring steps: reference statistics, FID of a sample file, FID of every snapshot.
+
+def extractors(kind: str, sha256: str | None, modes, path, device) -> dict[str, FeatureExtractor]:
+    """One feature extractor per FID mode (the first mode is the headline number)."""
+    return {mode: FeatureExtractor(path, kind, mode, sha256, device) for mode in modes}
+
+
+def reference_statistics(data_path, feature_net, kind: str, sha256: str | None, modes, batch: int, device,
+                         out, progress: bool = False) -> dict:
+    """Mean and covariance of the dataset's features in each mode, written to ``out``; returns its meta."""
+    from ect.data import load_dataset, load_dataset_digest
+
+    images, _ = load_dataset(data_path)
+    ex = extractors(kind, sha256, modes, feature_net, device)
+    stats = {mode: statistics(compute_features(images, e, batch, progress)) for mode, e in ex.items()}
+    meta = {"source": str(data_path), "images": len(images), "dataset_sha256": load_dataset_digest(data_path),
+            "feature_net_sha256": next(iter(ex.values())).sha256, "resolution": int(images.shape[1]),
+            "feature_dim": int(next(iter(stats.values()))[0].shape[0])}
+    save_stats(out, stats, meta)
+    return {**meta, "modes": list(stats)}
+
+
+def open_reference(config: dict, ref_path, feature_net, device, modes=None):
+    """The reference statistics and the matching extractors; refuse a pair that does not belong together."""
+    ref, ref_meta = load_stats(ref_path)
+    net = config["fid"]["feature_net"]
+    ex = extractors(net["kind"], net.get("sha256"), modes or config["fid"]["modes"], feature_net, device)
+    digest = next(iter(ex.values())).sha256
+    if ref_meta.get("feature_net_sha256") != digest:
+        raise FIDError(f"reference statistics {ref_path} were computed with another feature network "
+                       f"({ref_meta.get('feature_net_sha256')}) than {feature_net} ({digest})")
+    missing = [m for m in ex if m not in ref]
+    if missing:
+        raise FIDError(f"reference statistics {ref_path} have no {missing} statistics; rerun fid-stats")
+    return ref, ref_meta, ex, digest
+
+
+def score_samples(config: dict, samples_path, ref_path, feature_net, device, progress: bool = False) -> dict:
+    """FID of each seed-ordered set of a samples file in every mode (min, mean, each): the result JSON."""
+    from ect.fileio import sha256_file
+    from ect.sample import load_samples
+
+    sets, batch = config["sample"]["sets"], config["sample"]["batch"]
+    images, seeds, sample_meta = load_samples(samples_path)
+    ref, ref_meta, ex, digest = open_reference(config, ref_path, feature_net, device)
+    if ref_meta.get("resolution") not in (None, images.shape[1]):
+        raise FIDError(f"{samples_path} holds {images.shape[1]}x{images.shape[2]} images, but the reference "
+                       f"statistics {ref_path} are of {ref_meta['resolution']}x{ref_meta['resolution']} images")
+    if len(images) % sets:
+        raise FIDError(f"{len(images)} samples do not split into sample.sets = {sets} equal sets")
+    modes = {}
+    for mode, e in ex.items():
+        fids = fid_of_sets(compute_features(images, e, batch, progress), *ref[mode], sets)
+        modes[mode] = {"fid_min": min(fids), "fid_mean": sum(fids) / len(fids), "fid_sets": fids}
+    headline = config["fid"]["modes"][0]
+    return {**modes[headline], "mode": headline, "modes": modes, "sets": sets,
+            "samples_per_set": len(images) // sets, "seeds": [int(seeds[0]), int(seeds[-1])],
+            "samples_sha256": sha256_file(samples_path), "feature_net_sha256": digest, "reference": ref_meta,
+            **{k: sample_meta[k] for k in ("set", "sampler", "steps", "nfe", "t_mid", "checkpoint_sha256")
+               if k in sample_meta}}
+
+
+def fid_curve(config: dict, snapshot_dir, ref_path, feature_net, device, progress: bool = False) -> dict:
+    """FID (headline mode, fid.curve_steps steps, seeds 0..fid.curve_samples-1) of every snapshot in a
+    directory: FID against training budget."""
+    from tqdm import tqdm
+
+    from ect.checkpoint import load_network, read_checkpoint
+    from ect.sample import generate
+
+    mode = config["fid"]["modes"][0]
+    ref, _, ex, digest = open_reference(config, ref_path, feature_net, device, modes=[mode])
+    snapshots = sorted(Path(snapshot_dir).glob("*.pt"))
+    if not snapshots:
+        raise FIDError(f"no snapshots (*.pt) in {snapshot_dir}")
+    seeds = list(range(config["fid"]["curve_samples"]))
+    sample, points = config["sample"], []
+    for path in tqdm(snapshots, desc="snapshots", disable=not progress):
+        net = load_network(path, device=device)
+        point = {"snapshot": path.name, "kimg": read_checkpoint(path)["meta"].get("kimg")}
+        for steps in config["fid"]["curve_steps"]:
+            images = generate(net, seeds, steps=steps, t_mids=sample["t_mid"], batch=sample["batch"], device=device,
+                              progress=False)
+            point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, ex[mode], sample["batch"]),
+                                                    *ref[mode], 1)[0]
+        points.append(point)
+        if progress:
+            print(json.dumps(point), flush=True)
+    return {"samples": len(seeds), "mode": mode, "feature_net_sha256": digest, "points": points}

@@ -258,13 +258,77 @@ class Precond(nn.Module):
         return c_skip * x + c_out * f.to(torch.float32)
 
 
+class ArchError(ValueError):
+    """Network kwargs (from a checkpoint or a config) that no EDM network has."""
+
+
+# What a network's kwargs may be: name -> (type(s), check, what the check says). Bounds sit well above
+# every EDM/ECT network (CIFAR-10: 128 channels, ImageNet ADM: 192-256) and keep a hostile file from
+# asking for terabytes before its weights are even compared.
+def _int_in(lo, hi):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"an integer in [{lo}, {hi}]"
+
+
+def _number_in(lo, hi):
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi,
+            f"a finite number in [{lo}, {hi}]")
+
+
+def _list_of(check, max_len, min_len=0):
+    item, what = check
+    return (lambda v: isinstance(v, (list, tuple)) and min_len <= len(v) <= max_len and all(item(x) for x in v),
+            f"a list of {min_len}-{max_len} items, each {what}")
+
+
+ARCH_CHECKS = {
+    "kind": (lambda v: v in ("edm", "ect"), "'edm' or 'ect'"),
+    "img_resolution": _int_in(4, 1024),
+    "img_channels": _int_in(1, 4),
+    "label_dim": _int_in(0, 100_000),
+    "sigma_data": _number_in(1e-6, 1e3),
+    "sigma_min": (lambda v: v is None or _number_in(0, 1e3)[0](v), "null or a finite number in [0, 1000]"),
+    "augment_dim": _int_in(0, 64),
+    "model_channels": _int_in(1, 1024),
+    "channel_mult": _list_of(_int_in(1, 16), 8, 1),
+    "channel_mult_emb": _int_in(1, 16),
+    "num_blocks": _int_in(1, 16),
+    "attn_resolutions": _list_of(_int_in(1, 1024), 16),
+    "dropout": _number_in(0, 1),
+    "label_dropout": _number_in(0, 1),
+    "channel_mult_noise": _int_in(1, 16),
+    "resample_filter": _list_of(_number_in(-1e3, 1e3), 8, 1),
+}
+
+
+def check_arch(arch: dict) -> dict:
+    """Raise :class:`ArchError` naming the first key whose value no EDM network has; return ``arch``."""
+    if not isinstance(arch, dict):
+        raise ArchError(f"network kwargs must be a mapping, not a {type(arch).__name__}")
+    for key, value in arch.items():
+        if key not in ARCH_CHECKS:
+            raise ArchError(f"unknown network option {str(key)[:80]!r}; known: {', '.join(ARCH_CHECKS)}")
+        ok, what = ARCH_CHECKS[key]
+        if not ok(value):
+            raise ArchError(f"network option {key} must be {what}")
+    levels = len(arch.get("channel_mult", (1, 2, 2, 2)))
+    if arch.get("img_resolution", 32) % (2 ** (levels - 1)):
+        raise ArchError(f"img_resolution {arch.get('img_resolution', 32)} cannot be halved {levels - 1} times")
+    return arch
+
+
 def build_network(arch: dict) -> Precond:
     """Build a preconditioned network from the plain ``arch`` kwargs stored in our checkpoints."""
-    arch = dict(arch)
+    arch = dict(check_arch(arch))
     for key in ("channel_mult", "attn_resolutions", "resample_filter"):
         if key in arch:
             arch[key] = tuple(arch[key])
     return Precond(**arch)
+
+
+def parameter_shapes(arch: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of every state-dict entry of the network ``arch`` describes, without allocating it."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in build_network(arch).state_dict().items()}
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import numpy as np
 import torch
@@ -15,24 +16,31 @@ from PIL import Image
 from tqdm import tqdm
 
 from ect.fileio import write_bytes_atomic
+from ect.layout import SAMPLE_SETS
 
 T_MAX = 80.0
 
 
-def parse_seeds(spec: str) -> list[int]:
-    """'0-9999' or '0-99,200,300-309' -> sorted unique list of seeds."""
-    seeds: set[int] = set()
+MAX_SEEDS = 10_000_000  # one call's seeds: 30 GB of 32x32 RGB images; split larger jobs and merge them
+
+
+def parse_seeds(spec: str, limit: int = MAX_SEEDS) -> list[int]:
+    """'0-9999' or '0-99,200,300-309' -> sorted unique list of seeds (at most ``limit``)."""
+    ranges = []
     try:
-        for part in spec.split(","):
+        for part in str(spec).split(","):
             lo, _, hi = part.strip().partition("-")
             lo_i = int(lo)
             hi_i = int(hi) if hi else lo_i
             if hi_i < lo_i or lo_i < 0:
                 raise ValueError
-            seeds.update(range(lo_i, hi_i + 1))
+            ranges.append((lo_i, hi_i))
     except ValueError:
-        raise ValueError(f"bad seed list {spec!r}: use e.g. '0-9999' or '0-99,200-299'") from None
-    return sorted(seeds)
+        raise ValueError(f"bad seed list {str(spec)[:80]!r}: use e.g. '0-9999' or '0-99,200-299'") from None
+    if sum(hi - lo + 1 for lo, hi in ranges) > limit:  # counted before anything is allocated
+        raise ValueError(f"seed list {str(spec)[:80]!r} has more than {limit:,} seeds: split it into several jobs "
+                         "and join their files with 'ect merge-samples'")
+    return sorted(set().union(*(range(lo, hi + 1) for lo, hi in ranges)))
 
 
 class SeededNoise:
@@ -87,10 +95,32 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+class SamplingError(ValueError):
+    pass
+
+
+def check_sampler_settings(sampler: str, steps: int, t_mids, heun_steps: int, batch: int) -> None:
+    """Refuse settings that would produce garbage (black images, NaN) rather than an error."""
+    if sampler not in ("consistency", "heun"):
+        raise SamplingError(f"sampler must be 'consistency' or 'heun', not {sampler!r}")
+    if batch < 1:
+        raise SamplingError(f"batch must be at least 1, not {batch}")
+    if sampler == "heun" and heun_steps < 2:
+        raise SamplingError(f"heun_steps must be at least 2 (EDM's schedule needs two noise levels), not {heun_steps}")
+    if sampler == "consistency":
+        if steps < 1 or steps - 1 > len(t_mids):
+            raise SamplingError(f"{steps} consistency steps need {max(steps - 1, 0)} intermediate times (t_mid), "
+                                f"got {list(t_mids)}")
+        for t in t_mids[: steps - 1]:
+            if not 0 < t < T_MAX:  # also false for NaN
+                raise SamplingError(f"t_mid must lie in (0, {T_MAX:g}), not {t}")
+
+
 def generate(net, seeds, sampler: str = "consistency", steps: int = 1, t_mids=(0.821,), heun_steps: int = 18,
              batch: int = 256, device="cpu", progress: bool = True) -> np.ndarray:
     if getattr(net, "label_dim", 0):
         raise ValueError("class-conditional sampling is not implemented yet (label_dim > 0)")
+    check_sampler_settings(sampler, steps, t_mids, heun_steps, batch)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     out = []
     for lo in tqdm(range(0, len(seeds), batch), desc=f"sample {sampler}", unit="batch", disable=not progress):
@@ -101,17 +131,22 @@ def generate(net, seeds, sampler: str = "consistency", steps: int = 1, t_mids=(0
             x = heun_sampler(net, noise, heun_steps)
         else:
             raise ValueError(f"sampler must be 'consistency' or 'heun', not {sampler!r}")
+        if not torch.isfinite(x).all():
+            raise SamplingError(f"the network produced non-finite values (NaN or inf) for seeds {seeds[lo]}.."
+                                f"{seeds[min(lo + batch, len(seeds)) - 1]}: are its weights finite? Nothing was written")
         out.append(to_uint8(x))
     return np.concatenate(out) if out else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
 
 
-# The sample sets the pipeline draws: name -> (which checkpoint, sampler, consistency steps).
-SAMPLE_SETS = {
-    "teacher-1step": ("teacher", "consistency", 1),  # the teacher used as a 1-step model: what ECT improves on
-    "teacher-heun": ("teacher", "heun", 0),  # the teacher's own sampler: the diffusion baseline
-    "ect-1step": ("tuned", "consistency", 1),
-    "ect-2step": ("tuned", "consistency", 2),
-}
+def set_settings(config: dict, name: str) -> dict:
+    """The sampler settings of one of the pipeline's sample sets (ect/layout.py), from the config's
+    'sample' section: every set draws seeds 0 .. sets * samples_per_set - 1."""
+    if name not in SAMPLE_SETS:
+        raise SamplingError(f"unknown sample set {name!r}; the pipeline's sets are {', '.join(SAMPLE_SETS)}")
+    cfg, sample_set = config["sample"], SAMPLE_SETS[name]
+    return {"seeds": f"0-{cfg['sets'] * cfg['samples_per_set'] - 1}", "sampler": sample_set.sampler,
+            "steps": max(sample_set.steps, 1), "t_mid": cfg["t_mid"], "heun_steps": cfg["heun_steps"],
+            "batch": cfg["batch"]}
 
 
 def nfe(sampler: str, steps: int, heun_steps: int = 18) -> int:
@@ -125,8 +160,26 @@ def save_samples(path, images: np.ndarray, seeds, meta: dict) -> None:
 
 
 def load_samples(path) -> tuple[np.ndarray, np.ndarray, dict]:
-    with np.load(path, allow_pickle=False) as f:
-        return f["images"], f["seeds"], json.loads(str(f["meta"]))
+    """(images uint8 NHWC, seeds, meta) of a samples file, checked: one image per seed, no seed twice."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("images", "seeds", "meta") if k not in f.files]
+            if missing:
+                raise SamplingError(f"{path} is not a samples file written by 'ect sample': it has no {missing}")
+            images, seeds, meta = f["images"], f["seeds"], json.loads(str(f["meta"]))
+    except SamplingError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SamplingError(f"cannot read samples {path}: {exc}") from exc
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise SamplingError(f"{path}: images must be uint8 (N, H, W, 1 or 3), not {images.dtype} {images.shape}")
+    if seeds.ndim != 1 or len(seeds) != len(images) or not np.issubdtype(seeds.dtype, np.integer):
+        raise SamplingError(f"{path}: {len(images)} images but seeds of shape {seeds.shape} ({seeds.dtype})")
+    if len(np.unique(seeds)) != len(seeds):
+        raise SamplingError(f"{path}: some seeds appear twice")
+    if not isinstance(meta, dict):
+        raise SamplingError(f"{path}: meta is not a JSON object")
+    return images, seeds, meta
 
 
 def merge_samples(paths) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -164,3 +217,27 @@ def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64) ->
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())
+
+
+def sample_to_files(checkpoint, out, settings: dict, grid=None, set_name: str | None = None, device="cpu",
+                    progress: bool = True) -> dict:
+    """Draw ``settings["seeds"]`` from a checkpoint and write the samples file (and a PNG grid); returns
+    the samples' meta. Settings: seeds, sampler, steps, t_mid, heun_steps, batch."""
+    from ect.checkpoint import load_network
+    from ect.fileio import sha256_file
+
+    seeds = parse_seeds(settings["seeds"])
+    sampler, steps, heun_steps = settings["sampler"], settings["steps"], settings["heun_steps"]
+    check_sampler_settings(sampler, steps, settings["t_mid"], heun_steps, settings["batch"])
+    net = load_network(checkpoint, device=device)
+    images = generate(net, seeds, sampler=sampler, steps=steps, t_mids=settings["t_mid"], heun_steps=heun_steps,
+                      batch=settings["batch"], device=device, progress=progress)
+    meta = {"checkpoint_sha256": sha256_file(checkpoint), "sampler": sampler,
+            "steps": steps if sampler == "consistency" else heun_steps, "nfe": nfe(sampler, steps, heun_steps),
+            "t_mid": list(settings["t_mid"][: steps - 1]) if sampler == "consistency" else []}
+    if set_name:
+        meta["set"] = set_name
+    save_samples(out, images, seeds, meta)
+    if grid:
+        save_grid(grid, images)
+    return meta

@@ -107,7 +107,7 @@ def _reconstruct_persistent_obj(meta):  # only its name matters: it is pickled b
 
 
 @contextlib.contextmanager
-def _fake_torch_utils():
+def fake_torch_utils():
     """Make ``torch_utils.persistence._reconstruct_persistent_obj`` resolvable while pickling."""
     pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
@@ -192,7 +192,7 @@ def edm_snapshot_bytes(net: networks.Precond, unet_kwargs: dict, class_name="EDM
                 dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="datasets/x.zip",
                                     use_labels=False, xflip=False, cache=True, resolution=net.img_resolution,
                                     max_size=50000))
-    with _fake_torch_utils():
+    with fake_torch_utils():
         return pickle.dumps(data, protocol=protocol)
 
 
@@ -292,7 +292,8 @@ def inception_like_bytes(seed: int = 0) -> bytes:
 # ---- A loopback HTTP server (127.0.0.1) serving files the tests make, with faults on demand.
 # `/<name>` serves files[name] honouring Range; `/truncate/<name>` always closes the connection halfway;
 # `/flaky/<name>` closes halfway on the first request only; `/stall/<name>` sends half, then stops
-# talking. Anything else is a 404. `requests` logs (path, Range header).
+# talking; `/redirect/<name>` redirects to an ftp:// URL. Anything else is a 404. `requests` logs (path,
+# Range header).
 
 class LoopbackServer:
     def __init__(self, files: dict[str, bytes], stall_seconds: float = 5.0):
@@ -308,6 +309,11 @@ class LoopbackServer:
                 server.requests.append((self.path, self.headers.get("Range")))
                 fault, _, name = self.path.lstrip("/").partition("/") if self.path.count("/") > 1 else ("", "", self.path.lstrip("/"))
                 data = server.files.get(name)
+                if fault == "redirect":  # to another scheme: a client must not follow it
+                    self.send_response(302)
+                    self.send_header("Location", "ftp://127.0.0.1/etc/hostname")
+                    self.end_headers()
+                    return
                 if data is None or fault not in ("", "truncate", "flaky", "stall"):
                     self.send_error(404, "Not Found")
                     return
@@ -379,3 +385,20 @@ def clone_repo(dst: Path) -> Path:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, kilobytes: int):
+    """A tmpfs of the given size mounted at ``path`` (a full disk on demand); the test is skipped where
+    mounting is not allowed (CI runs as root and can)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from ect.download import DownloadError, download
-from ect.fileio import ChecksumError
-from tests.helpers import LoopbackServer
+from ect.download import DownloadError, download, fetch
+from ect.fileio import ChecksumError, OutputError
+from tests.helpers import LoopbackServer, small_filesystem
 
 DATA = os.urandom(300_000)
 MD5, SHA = hashlib.md5(DATA).hexdigest(), hashlib.sha256(DATA).hexdigest()
@@ -74,3 +75,66 @@ def test_fetch_command_verifies_and_prints_the_sha256_to_pin(server, tmp_path):
     proc = subprocess.run([*fetch, "--unverified", "--out", str(tmp_path / "out" / "c.tgz")], capture_output=True, text=True)
     assert proc.returncode == 0 and (tmp_path / "out" / "c.tgz").read_bytes() == DATA
     assert f"this file's is {SHA}" in proc.stderr
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "javascript:alert(1)", "//x/y", "http://"])
+def test_only_http_urls_are_fetched(url, tmp_path):
+    with pytest.raises(ValueError, match="only http"):
+        download(url, tmp_path / "x", sha256="0" * 64)
+    assert leftovers(tmp_path) == []
+
+
+def test_checksums_are_checked_for_format_before_any_request(server, tmp_path):
+    for kwargs in ({"md5": "xyz"}, {"sha256": "0" * 63}, {"sha256": "g" * 64}, {"md5": MD5, "sha256": ""}):
+        with pytest.raises(ChecksumError, match="hexadecimal digits"):
+            download(f"{server.url}/file.bin", tmp_path / "f.bin", progress=False, **kwargs)
+    assert server.requests == [] and leftovers(tmp_path) == []
+
+
+def test_a_redirect_to_another_scheme_is_refused(server, tmp_path):
+    with pytest.raises(ValueError, match="only http"):
+        download(f"{server.url}/redirect/file.bin", tmp_path / "f.bin", sha256=SHA, retries=0, progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_file_over_its_known_size_or_the_cap_is_refused_without_retrying(server, tmp_path):
+    with pytest.raises(ChecksumError, match="more than the 1000 bytes allowed"):
+        download(f"{server.url}/file.bin", tmp_path / "f.bin", sha256=SHA, size=1000, progress=False)
+    with pytest.raises(ChecksumError, match="more than the 5000 bytes allowed"):
+        download(f"{server.url}/file.bin", tmp_path / "f.bin", sha256=SHA, max_bytes=5000, progress=False)
+    assert len(server.requests) == 2 and leftovers(tmp_path) == []
+    download(f"{server.url}/file.bin", tmp_path / "f.bin", sha256=SHA, size=len(DATA), progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == DATA
+
+
+def test_a_full_disk_is_named_and_not_retried(server, tmp_path):
+    with small_filesystem(tmp_path / "small", 128) as small:
+        with pytest.raises(OutputError, match=r"cannot write .*f\.bin\.part: No space left on device"):
+            download(f"{server.url}/file.bin", small / "f.bin", sha256=SHA, backoff=0, progress=False)
+        assert len(server.requests) == 1 and list(small.iterdir()) == []
+
+
+def test_trust_on_first_use_records_the_sha256_then_verifies_every_later_fetch(server, tmp_path):
+    record = tmp_path / "downloads.lock"
+    url = f"{server.url}/file.bin"
+    first = fetch(url, tmp_path / "a.bin", record=record, progress=False)
+    assert first["sha256"] == SHA and first["verified"].startswith("recorded on first use")
+    entry = yaml.safe_load(record.read_text())[url]
+    assert entry["sha256"] == SHA and entry["size"] == len(DATA) and entry["recorded"]
+    assert record.read_text().startswith("# sha256 of downloads")
+    again = fetch(url, tmp_path / "b.bin", record=record, progress=False)
+    assert again["verified"] == f"recorded on first use ({entry['recorded']})" and (tmp_path / "b.bin").exists()
+    server.files["file.bin"] = DATA[:-1] + b"!"  # the server now sends other bytes under the same URL
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        fetch(url, tmp_path / "c.bin", record=record, progress=False)
+    assert not (tmp_path / "c.bin").exists() and yaml.safe_load(record.read_text())[url] == entry
+
+
+def test_fetch_command_records_on_first_use(server, tmp_path):
+    cmd = [sys.executable, "-m", "ect.cli", "fetch", f"{server.url}/file.bin", "--record", str(tmp_path / "r.lock"),
+           "--no-progress"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "a.bin")], capture_output=True, text=True)
+    assert proc.returncode == 0 and "recorded on first use" in proc.stderr and "commit it" in proc.stderr
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "x" / "b.bin"), "--md5", "nothex"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "hexadecimal" in proc.stderr

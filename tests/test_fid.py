@@ -5,10 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from ect.fid import (FeatureExtractor, FIDError, compute_features, fid_of_sets, frechet_distance, load_feature_net,
-                     load_stats, save_stats, statistics)
+from ect.fid import (
+    FeatureExtractor,
+    FIDError,
+    compute_features,
+    fid_of_sets,
+    frechet_distance,
+    load_feature_net,
+    load_stats,
+    save_stats,
+    statistics,
+)
 from ect.fileio import ChecksumError, sha256_file
-from tests.helpers import make_dataset, run_ect, write_config
+from tests.helpers import run_ect, write_config
 
 
 def random_stats(rng, d, n=400):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ect.networks import Precond, PositionalEmbedding, build_network, count_parameters
+from ect.networks import PositionalEmbedding, Precond, build_network, count_parameters
 from tests.helpers import randomized
 
 CIFAR_UNET = dict(img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,

@@ -3,8 +3,17 @@ import pytest
 import torch
 
 from ect.checkpoint import load_network
-from ect.sample import (SeededNoise, consistency_sampler, generate, heun_sampler, heun_sigmas, load_samples,
-                        merge_samples, parse_seeds, to_uint8)
+from ect.sample import (
+    SeededNoise,
+    consistency_sampler,
+    generate,
+    heun_sampler,
+    heun_sigmas,
+    load_samples,
+    merge_samples,
+    parse_seeds,
+    to_uint8,
+)
 from tests.helpers import make_teacher, run_ect, toy_config
 
 

@@ -79,7 +79,7 @@ def test_tune_writes_outputs_and_sigkill_resume_is_bit_identical(setup):
     killed_at = torch.load(tmp / "killed-state" / "state.pt", weights_only=True)["iteration"]
     assert 0 < killed_at < 120
     resumed = run_ect(*args)
-    assert f"resuming from" in resumed.stderr
+    assert "resuming from" in resumed.stderr
     assert state_dicts_equal(read_checkpoint(tmp / "killed.pt")["state_dict"], full["state_dict"])
     assert [e["iteration"] for e in read_log(tmp / "killed.jsonl")] == [e["iteration"] for e in log]
     snaps = sorted(p.name for p in (tmp / "full-snaps").iterdir())

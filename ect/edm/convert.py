@@ -3,10 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ect.checkpoint import load_state_by_name, save_checkpoint
-from ect.edm.pickle_reader import EDMFormatError, PersistentRecord, find_child, load_edm_pickle, record_state_dict
+from ect.checkpoint import check_weights, load_state_by_name, save_checkpoint
+from ect.edm.pickle_reader import (
+    EDMFormatError,
+    PersistentRecord,
+    describe,
+    find_child,
+    load_edm_pickle,
+    record_state_dict,
+)
 from ect.fileio import verify_sha256
-from ect.networks import build_network, count_parameters
+from ect.networks import ArchError, build_network, check_arch, count_parameters
 
 PRECOND_KINDS = {"EDMPrecond": "edm", "ECMPrecond": "ect"}
 # SongUNet constructor arguments we rebuild; EDM's defaults apply to any not stored in the pickle.
@@ -17,12 +24,13 @@ REQUIRED_VARIANTS = {"embedding_type": "positional", "encoder_type": "standard",
 
 
 def _plain(value):
-    """numpy scalars and tuples from the pickle -> plain Python values storable with weights_only."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return value.item()
-    return value
+    """A kwarg from the pickle as a plain value storable with weights_only: a number, a string, or a short
+    flat list of numbers (never a walk through nested containers a hostile file could make huge)."""
+    if isinstance(value, (list, tuple)) and len(value) <= 16 and all(isinstance(v, (int, float)) for v in value):
+        return list(value)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise EDMFormatError(f"network kwarg is {describe(value)}, not a number, a string or a short list of numbers")
 
 
 def read_edm_network(data: bytes) -> tuple[dict, dict, dict]:
@@ -41,15 +49,21 @@ def read_edm_network(data: bytes) -> tuple[dict, dict, dict]:
     if unet.state.get("_init_args"):
         raise EDMFormatError("SongUNet was constructed with positional arguments; cannot recover its configuration")
     unet_kwargs = unet.state.get("_init_kwargs") or {}
+    if not isinstance(unet_kwargs, dict):
+        raise EDMFormatError(f"SongUNet kwargs are {describe(unet_kwargs)}, not a dict")
     for key, required in REQUIRED_VARIANTS.items():
         if unet_kwargs.get(key, required) != required:
-            raise EDMFormatError(f"unsupported SongUNet {key}={unet_kwargs[key]!r} (implemented: {required!r})")
+            raise EDMFormatError(f"unsupported SongUNet {key}={describe(unet_kwargs[key])} (implemented: {required!r})")
     p = ema.state
     arch = {"kind": PRECOND_KINDS[ema.class_name],
-            "img_resolution": int(p["img_resolution"]), "img_channels": int(p["img_channels"]),
-            "label_dim": int(p.get("label_dim", 0)), "sigma_data": float(p.get("sigma_data", 0.5)),
-            "sigma_min": float(p.get("sigma_min", 0.0))}
+            **{key: _plain(p.get(key, default)) for key, default in (
+                ("img_resolution", None), ("img_channels", None), ("label_dim", 0), ("sigma_data", 0.5),
+                ("sigma_min", 0.0))}}
     arch.update({k: _plain(unet_kwargs[k]) for k in SONGUNET_ARGS if k in unet_kwargs})
+    try:
+        check_arch(arch)
+    except ArchError as exc:
+        raise EDMFormatError(f"the snapshot's network: {exc}") from None
     info = {"precond_class": ema.class_name, "module_src_sha256": ema.module_src_sha256,
             "snapshot_keys": sorted(snapshot)}
     return arch, record_state_dict(ema), info
@@ -61,8 +75,9 @@ def convert_edm_pickle(src, dst, sha256: str | None = None, log=print) -> dict:
     if sha256:
         verify_sha256(src, sha256)
     arch, state, info = read_edm_network(src.read_bytes())
+    check_weights(arch, state, f"{src}")  # every name and shape, before a network is built
     net = build_network(arch)
-    load_state_by_name(net, state)  # all names must match: the arch came from the same file
+    load_state_by_name(net, state)
     meta = {"source": str(src), "source_sha256": sha256 or "", "producer": "ect convert-edm", **info}
     save_checkpoint(dst, arch, net.state_dict(), meta)
     log(f"converted {src.name}: {info['precond_class']} -> kind={arch['kind']}, "

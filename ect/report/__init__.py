@@ -1,8 +1,9 @@
 """The HTML report of one run: FID against the paper, sample grids, curves, protocol, provenance.
 
-``build_report`` reads a run's results directory (the paths the pipeline writes, see
-``workflow/rules/``), renders ``templates/report.html.j2`` with Jinja2 and writes the page with
-its images into one directory, replaced as a whole: a killed report leaves the old one.
+``build_report`` reads a run's files (their paths come from the run layout, ``ect/layout.py``),
+renders ``templates/report.html.j2`` with Jinja2 and writes the page with its images into one
+directory, replaced as a whole: a killed report leaves the old one. The report replaces only a
+directory it wrote itself (it carries a marker file), never one that holds anything else.
 Everything is local (PNG images, inline CSS), so the page reads offline.
 """
 from __future__ import annotations
@@ -13,23 +14,17 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-from ect.fileio import sha256_file
+from ect.fileio import remove_stale_temporaries, sha256_file
+from ect.layout import SAMPLE_SETS, RunLayout
 from ect.report import plots
 
-SET_LABELS = {  # sample set -> (table label, what it shows)
-    "ect-1step": "ECT, 1 step",
-    "ect-2step": "ECT, 2 steps",
-    "teacher-1step": "Teacher as a 1-step model",
-    "teacher-heun": "Teacher, EDM Heun sampler",
-}
-PAPER_KEYS = {"ect-1step": "fid_1step", "ect-2step": "fid_2step"}
+PAGE = "index.html"
 PACKAGES = ["ect-pipeline", "torch", "torchvision", "numpy", "scipy", "clean-fid", "snakemake", "dvc", "jinja2",
             "matplotlib", "scikit-learn"]
 
@@ -81,20 +76,20 @@ def _runtimes(bench_dir: Path) -> list[dict]:
     return rows
 
 
-def collect(config: dict, config_files: list[str], results: Path, dataset: Path) -> dict:
+def collect(config: dict, config_files: list[str]) -> dict:
     """Everything the template shows, from the run's files."""
-    fid_dir = results / "fid"
+    layout = RunLayout(config)
     paper = config["report"]["paper"]
     rows = []
-    for name, label in SET_LABELS.items():
-        r = _json(fid_dir / f"{name}.json")
-        paper_value = paper.get(PAPER_KEYS[name]) if paper and name in PAPER_KEYS else None
-        rows.append({"set": name, "label": label, "nfe": r["nfe"], "fid_min": r["fid_min"], "fid_mean": r["fid_mean"],
-                     "fid_sets": r["fid_sets"], "paper": paper_value,
+    for name, sample_set in SAMPLE_SETS.items():
+        r = _json(Path(layout.fid(name)))
+        paper_value = paper.get(sample_set.paper_key) if paper and sample_set.paper_key else None
+        rows.append({"set": name, "label": sample_set.label, "nfe": r["nfe"], "fid_min": r["fid_min"],
+                     "fid_mean": r["fid_mean"], "fid_sets": r["fid_sets"], "paper": paper_value,
                      "other_modes": {m: v["fid_min"] for m, v in r.get("modes", {}).items() if m != r["mode"]}})
-    any_fid = _json(fid_dir / "ect-1step.json")
-    curve = _json(fid_dir / "curve.json")
-    checkpoints = {name: {"path": str(results / f"{name}.pt"), "sha256": sha256_file(results / f"{name}.pt")}
+    any_fid = _json(Path(layout.fid(next(iter(SAMPLE_SETS)))))
+    curve = _json(Path(layout.curve))
+    checkpoints = {name: {"path": layout.checkpoint(name), "sha256": sha256_file(layout.checkpoint(name))}
                    for name in ("teacher", "tuned")}
     return {
         "run": config["run"],
@@ -125,48 +120,64 @@ def collect(config: dict, config_files: list[str], results: Path, dataset: Path)
             "git_commit": _git_commit(Path.cwd()),
             "config_files": config_files,
             "config_yaml": yaml.safe_dump(config, sort_keys=False),
-            "dataset": {"path": str(dataset), "content_sha256": any_fid["reference"].get("dataset_sha256"),
-                        "file_sha256": sha256_file(dataset)},
+            "dataset": {"path": layout.dataset, "content_sha256": any_fid["reference"].get("dataset_sha256"),
+                        "file_sha256": sha256_file(layout.dataset)},
             "checkpoints": checkpoints,
             "teacher_source": config["teacher"],
             "versions": _versions(),
-            "runtimes": _runtimes(results / "benchmarks"),
+            "runtimes": _runtimes(Path(layout.benchmarks)),
         },
     }
 
 
-def build_report(config: dict, config_files: list[str], results, dataset, out_html) -> Path:
-    """Render the report into ``out_html``'s directory, replacing it as a whole."""
+MARKER = ".ect-report"  # in every directory the report writes: the only kind it may replace
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a directory that the report did not write (say, a run's results)."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ReportError(f"{out_dir} exists and is not a directory: refusing to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise ReportError(f"{out_dir} holds files that 'ect report' did not write (no {MARKER} marker): refusing "
+                          "to replace it; give the report a directory of its own, e.g. reports/<run>")
+
+
+def build_report(config: dict, config_files: list[str], out_dir) -> Path:
+    """Render the report into ``out_dir`` (its page is ``index.html``), replacing the directory as a whole."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    results, dataset, out_html = Path(results), Path(dataset), Path(out_html)
-    ctx = collect(config, config_files, results, dataset)
-    out_dir = out_html.parent
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
+    layout = RunLayout(config)
+    ctx = collect(config, config_files)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()  # permissions from the umask, like every output
     try:
         grids = {}
-        for name in SET_LABELS:
-            src = results / "samples" / f"{name}.png"
+        for name in SAMPLE_SETS:
+            src = Path(layout.grid(name))
             if not src.exists():
                 raise ReportError(f"missing sample grid {src}")
             shutil.copyfile(src, tmp / f"samples-{name}.png")
             grids[name] = f"samples-{name}.png"
-        plots.training_curves({"pretrain": _jsonl(results / "pretrain-log.jsonl"),
-                               "tune": _jsonl(results / "train-log.jsonl")}, tmp / "training.png")
+        plots.training_curves({"pretrain": _jsonl(Path(layout.pretrain_log)),
+                               "tune": _jsonl(Path(layout.train_log))}, tmp / "training.png")
         plots.fid_curve(ctx["curve_points"], tmp / "fid-curve.png")
         env = Environment(loader=PackageLoader("ect.report", "templates"), autoescape=True, undefined=StrictUndefined)
-        html = env.get_template("report.html.j2").render(**ctx, grids=grids, set_labels=SET_LABELS,
-                                                          figures={"training": "training.png",
-                                                                   "fid_curve": "fid-curve.png"})
-        (tmp / out_html.name).write_text(html)
+        html = env.get_template("report.html.j2").render(
+            **ctx, grids=grids, set_labels={name: s.label for name, s in SAMPLE_SETS.items()},
+            figures={"training": "training.png", "fid_curve": "fid-curve.png"})
+        (tmp / PAGE).write_text(html)
+        (tmp / MARKER).write_text("written by 'ect report': this directory is replaced as a whole on every run\n")
         for path in tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)
         old = None
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
+            old = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -174,4 +185,4 @@ def build_report(config: dict, config_files: list[str], results, dataset, out_ht
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir / out_html.name
+    return out_dir / PAGE

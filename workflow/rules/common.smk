@@ -1,43 +1,42 @@
-# Config validation, paths and per-rule resources shared by every rule.
+# Config validation, the run layout and per-rule settings shared by every rule.
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from ect.config import CADENCE_KEYS, ConfigError, load_config, validate_config
+from ect.config import ConfigError, load_config, validate_config
+from ect.download import RECORD_FILE
+from ect.layout import SAMPLE_SETS, RunLayout, step_settings
 
-# The same files, in the same order, are handed to every `ect` step, so a step sees exactly the
-# config Snakemake validated. `--config key=value` has no file to hand over: use an overlay file.
+# The same files, in the same order, are handed to every `ect` step that reads a config, so a step
+# sees exactly what Snakemake validated. `--config key=value` has no file to hand over: use an overlay.
 CONFIG_FILES = [os.path.relpath(p) for p in workflow.overwrite_configfiles] or ["config/config.yaml"]
-CONFIG = " ".join(CONFIG_FILES)
 try:
     validate_config(config, " + ".join(CONFIG_FILES))
     if config != load_config(*CONFIG_FILES, validate=False):
-        raise ConfigError("--config key=value is not passed on to the steps: put the values in an overlay "
-                          "file and add it with --configfile")
+        raise ConfigError(
+            "--config key=value is not passed on to the steps: put the values in an overlay "
+            "file and add it with --configfile"
+        )
 except ConfigError as exc:
     raise WorkflowError(f"invalid config: {exc}")
 
-RUN = config["run"]
-RESULTS = f"results/{RUN}"
-LOGS = f"{RESULTS}/logs"
-BENCH = f"{RESULTS}/benchmarks"
-DATASET = f"resources/datasets/{config['dataset']['source']}-{config['dataset']['resolution']}/dataset.npz"
-# Downloads land under resources/ (fetched on the login node; see the prefetch target).
-DATASET_ARCHIVE = f"resources/downloads/{os.path.basename(config['dataset']['url'])}" if "url" in config["dataset"] else None
-TEACHER_PICKLE = (f"resources/teachers/{os.path.basename(config['teacher']['url'])}"
-                  if config["teacher"]["source"] == "edm" else None)
-FEATURE_NET = (f"resources/fid/{os.path.basename(config['fid']['feature_net']['url'])}"
-               if config["fid"]["feature_net"]["kind"] == "inception" else f"{RESULTS}/fid/feature-net.pt")
-DOWNLOADS = [p for p in (DATASET_ARCHIVE, TEACHER_PICKLE) if p] + ([FEATURE_NET] if FEATURE_NET.startswith("resources/") else [])
-# Inception statistics of a downloaded dataset are shared by every run on it (50k images: computed once).
-REFERENCE = (f"resources/fid/{config['dataset']['source']}-{config['dataset']['resolution']}-inception-reference.npz"
-             if config["fid"]["feature_net"]["kind"] == "inception" else f"{RESULTS}/fid/reference.npz")
-TEACHER = f"{RESULTS}/teacher.pt"
-PRETRAIN_LOG = f"{RESULTS}/pretrain-log.jsonl"
-TUNED = f"{RESULTS}/tuned.pt"
-SAMPLE_SETS = ["teacher-1step", "teacher-heun", "ect-1step", "ect-2step"]
-REPORT = f"reports/{RUN}/index.html"
+L = RunLayout(config)  # every path of the run (ect/layout.py)
+
+
+def config_files(wildcards, input):
+    """CONFIG_FILES, as a rule's `config` param. A param function that takes `input` counts as derived
+    from the input files, and Snakemake's params rerun trigger skips those: so a changed list of files
+    (an overlay that only sets resources, say) reruns no step. The values a step reads are its
+    `settings` param (ect/layout.py: STEP_READS), and a change to those does rerun it (tested)."""
+    return CONFIG_FILES
+
+
+def settings(step):
+    """The config values a step reads, as its `settings` param (the same keys are its DVC params)."""
+    return step_settings(config, step)
 
 
 def resource_settings_of(rule_name):
@@ -63,31 +62,32 @@ def threads_of(rule_name):
     return resource_settings_of(rule_name)["threads"]
 
 
-def config_files(wildcards, input):
-    """CONFIG, as a rule's `config` param. A param function that takes `input` counts as derived from
-    the input files, and Snakemake's params rerun trigger skips those: so a changed list of files (an
-    overlay that only sets resources, say) reruns no step. The config values a step reads are its other
-    params, and a change to those does rerun it (tests/test_pipeline.py checks both)."""
-    return CONFIG
-
-
-def training_settings(section):
-    """A training section as a rule's params, without CADENCE_KEYS: changing when a run logs and saves
-    reruns nothing (and a run in progress resumes under the new values)."""
-    return {k: v for k, v in config[section].items() if k not in CADENCE_KEYS}
+def optional_args(args):
+    """Arguments that may be absent, shell-quoted, each after a space: `{params.x}` right after the word before
+    it gives one space between words whether there are any or not (DVC's lock file folds long commands and
+    would lose one of two spaces, calling the command changed)."""
+    return "".join(f" {shlex.quote(str(arg))}" for arg in args)
 
 
 def checksum_args(entry):
-    """`--md5 X --sha256 Y ` (trailing space) for whichever checksums a config entry pins; "" for none.
+    """` --md5 X --sha256 Y` for whichever checksums a config entry pins (see optional_args).
 
     Steps whose outputs under resources/ several presets share (downloads, reference statistics) take
     these values rather than the config files, so changing preset does not rerun them."""
-    return "".join(f"--{key} {entry[key]} " for key in ("md5", "sha256") if entry.get(key))
+    return optional_args(arg for key in ("md5", "sha256") if entry.get(key) for arg in (f"--{key}", entry[key]))
+
+
+def fetch_args(entry):
+    """A download's checks: its pinned checksums, or else trust on first use against RECORD_FILE; its size."""
+    pinned = checksum_args(entry)
+    return (pinned or optional_args(["--record", RECORD_FILE])) + optional_args(
+        ["--size", entry["size"]] if entry.get("size") else []
+    )
 
 
 def checkpoint_of(wildcards):
     """The checkpoint a sample set is drawn from."""
-    return TEACHER if wildcards.set.startswith("teacher") else TUNED
+    return L.checkpoint(SAMPLE_SETS[wildcards.set].checkpoint)
 
 
 def gpu_hours():
@@ -104,14 +104,57 @@ def gpu_hours():
 
 def _is_dry_run(argv):
     # Snakemake sets workflow.dryrun only after the Snakefile is read: look at the command line.
-    return any(a in ("--dry-run", "--dryrun") or (a.startswith("-") and not a.startswith("--") and "n" in a)
-               for a in argv)
+    return any(
+        a in ("--dry-run", "--dryrun") or (a.startswith("-") and not a.startswith("--") and "n" in a) for a in argv
+    )
 
 
 if _is_dry_run(sys.argv[1:]):
     _rows = gpu_hours()
     if _rows:
-        print(f"Requested GPU-hours for run '{RUN}' (jobs x GPUs x runtime limit):")
+        print(f"Requested GPU-hours for run '{L.run}' (jobs x GPUs x runtime limit):")
         for name, n, gpus, minutes, hours in _rows:
             print(f"  {name:<14} {n} job(s) x {gpus} GPU x {minutes} min = {hours:8.1f} GPU-h")
         print(f"  {'total':<14} {sum(r[-1] for r in _rows):.1f} GPU-h")
+
+
+def record_in_dvc():
+    """After a successful run, record the outputs of every job of the run's DAG in DVC (`dvc commit`), so
+    that `dvc status` is clean and `dvc repro` reruns nothing. Only for a preset run as committed: with
+    overlays the outputs were made from values the DVC pipeline (generated from the presets) does not
+    have, and recording them would call stale outputs up to date."""
+    import subprocess
+
+    import yaml
+
+    if workflow.exec_mode.name != "DEFAULT":  # a job step inside a SLURM job: the main process records
+        return
+    if len(CONFIG_FILES) != 1 or not os.path.isdir(".dvc"):
+        print("not recorded in DVC: the DVC pipelines are the presets as committed, without overlays")
+        return
+    preset = os.path.splitext(os.path.basename(CONFIG_FILES[0]))[0]
+    stage_of_output = {}  # every output of every generated DVC file -> its stage address
+    for dvcfile in ["dvc.yaml", *sorted(str(p) for p in Path("pipelines").glob("*/dvc.yaml"))]:
+        if os.path.exists(dvcfile):
+            for name, stage in yaml.safe_load(Path(dvcfile).read_text())["stages"].items():
+                for out in stage.get("outs", []) + stage.get("metrics", []):
+                    stage_of_output[out] = f"{dvcfile}:{name}"
+    outputs = [str(o) for job in workflow.dag.jobs for o in job.output]
+    stages = sorted({stage_of_output[o] for o in outputs if o in stage_of_output})
+    if not stages:
+        return
+    # `dvc commit` rewrites the files it records (copies from its cache): their modification times must
+    # stay what they were, or Snakemake would see inputs newer than outputs and rerun everything.
+    mtimes = {}
+    for path in map(Path, outputs):
+        for f in [path, *(path.rglob("*") if path.is_dir() else [])]:
+            if f.exists():
+                mtimes[f] = f.stat().st_mtime_ns
+    proc = subprocess.run(["dvc", "commit", "--force", "--quiet", *stages], capture_output=True, text=True)
+    for f, mtime in mtimes.items():
+        if f.exists():
+            os.utime(f, ns=(mtime, mtime))
+    if proc.returncode:
+        print(f"warning: could not record the outputs in DVC (`dvc commit` failed):\n{proc.stderr[-2000:]}")
+    else:
+        print(f"recorded {len(stages)} stage(s) of preset '{preset}' in DVC (dvc.lock): `dvc status` is clean")

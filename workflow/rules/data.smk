@@ -1,43 +1,46 @@
-if config["dataset"]["source"] != "digits":  # a downloaded dataset (cifar10)
+# Downloads (login node: localrules) and the dataset in our format.
+for fetch_rule, (download, entry) in L.downloads.items():
 
-    rule fetch_dataset:
-        """Download the dataset archive, md5/sha256-verified (login node: a localrule)."""
-        localrule: True
+    rule:
+        """Download a file of the preset, checksum-verified (login node: a localrule)."""
+        name:
+            fetch_rule
         output:
-            DATASET_ARCHIVE,
+            download,
+        log:
+            L.log(fetch_rule),
+        benchmark:
+            L.benchmark(fetch_rule)
+        localrule: True
         conda:
             "../envs/ect.yaml"
-        log:
-            f"{LOGS}/fetch_dataset.log",
-        benchmark:
-            f"{BENCH}/fetch_dataset.tsv"
-        params:
-            url=config["dataset"]["url"],
-            checksums=checksum_args(config["dataset"]),
         resources:
-            **resources_of("fetch_dataset"),
+            **resources_of(fetch_rule),
+        params:
+            url=entry["url"],
+            checks=fetch_args(entry),
         shell:
-            "ect fetch {params.url} {params.checksums}--out {output} --no-progress > {log} 2>&1"
+            "exec ect fetch {params.url:q}{params.checks} --out {output:q} --no-progress > {log:q} 2>&1"
 
 
 rule dataset:
     """The config's dataset in our format (uint8 images + labels, content-hashed)."""
     input:
-        archive=[DATASET_ARCHIVE] if DATASET_ARCHIVE else [],
+        archive=[L.dataset_archive] if L.dataset_archive else [],
     output:
-        DATASET,
+        L.dataset,
+    log:
+        L.log("dataset"),
+    benchmark:
+        L.benchmark("dataset")
     conda:
         "../envs/ect.yaml"
-    log:
-        f"{LOGS}/dataset.log",
-    benchmark:
-        f"{BENCH}/dataset.tsv"
+    resources:
+        **resources_of("dataset"),
     params:
         source=config["dataset"]["source"],
         resolution=config["dataset"]["resolution"],
-        archive=lambda wildcards, input: f"--archive {input.archive} " if input.archive else "",
-    resources:
-        **resources_of("dataset"),
+        archive=lambda wildcards, input: optional_args(["--archive", input.archive] if input.archive else []),
     shell:
-        "ect prepare-data --source {params.source} --resolution {params.resolution} {params.archive}--out {output}"
-        " > {log} 2>&1"
+        "exec ect prepare-data --source {params.source:q} --resolution {params.resolution:q}{params.archive}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -1,122 +1,101 @@
-if config["fid"]["feature_net"]["kind"] == "digits-classifier":  # toy: trained here
+# FID: the feature network, the dataset's reference statistics, FID of each sample set and of every
+# tuning snapshot. (Inception, for the paper presets, is a download: see data.smk.)
+if config["fid"]["feature_net"]["kind"] == "digits-classifier":
 
     rule feature_net:
         """The toy FID feature network: a digits classifier trained with a fixed seed."""
         input:
-            data=DATASET,
+            data=L.dataset,
         output:
-            FEATURE_NET,
+            L.feature_net,
+        log:
+            L.log("feature_net"),
+        benchmark:
+            L.benchmark("feature_net")
         conda:
             "../envs/ect.yaml"
-        log:
-            f"{LOGS}/feature_net.log",
-        benchmark:
-            f"{BENCH}/feature_net.tsv"
-        params:
-            config=config_files,
-            settings=config["fid"]["feature_net"],
         threads: threads_of("feature_net")
         resources:
             **resources_of("feature_net"),
-        shell:
-            "ect feature-net --config {params.config} --data {input.data} --out {output} > {log} 2>&1"
-
-else:  # Inception: clean-fid's TorchScript file, fetched into resources/
-
-    rule fetch_feature_net:
-        """Download the FID feature network (Inception TorchScript), checksum-verified (login node)."""
-        localrule: True
-        output:
-            FEATURE_NET,
-        conda:
-            "../envs/ect.yaml"
-        log:
-            f"{LOGS}/fetch_feature_net.log",
-        benchmark:
-            f"{BENCH}/fetch_feature_net.tsv"
         params:
-            url=config["fid"]["feature_net"]["url"],
-            checksums=checksum_args(config["fid"]["feature_net"]),
-        resources:
-            **resources_of("fetch_feature_net"),
+            config=config_files,
+            settings=settings("feature_net"),
         shell:
-            "ect fetch {params.url} {params.checksums}--out {output} --no-progress > {log} 2>&1"
+            "exec ect feature-net --config {params.config:q} --data {input.data:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fid_reference:
     """Reference statistics (feature mean and covariance) of the dataset."""
     input:
-        data=DATASET,
-        feature_net=FEATURE_NET,
+        data=L.dataset,
+        feature_net=L.feature_net,
     output:
-        REFERENCE,
+        L.reference,
+    log:
+        L.log("fid_reference"),
+    benchmark:
+        L.benchmark("fid_reference")
     conda:
         "../envs/ect.yaml"
-    log:
-        f"{LOGS}/fid_reference.log",
-    benchmark:
-        f"{BENCH}/fid_reference.tsv"
-    params:  # the feature network's settings, not the config files: presets on one dataset share REFERENCE
-        kind=config["fid"]["feature_net"]["kind"],
-        checksums=checksum_args(config["fid"]["feature_net"]),
-        modes=" ".join(config["fid"]["modes"]),
     threads: threads_of("fid_reference")
     resources:
         **resources_of("fid_reference"),
+    params:  # the feature network's settings, not the config files: presets on one dataset share it
+        kind=config["fid"]["feature_net"]["kind"],
+        checksums=checksum_args(config["fid"]["feature_net"]),
+        modes=config["fid"]["modes"],
     shell:
-        "ect fid-stats --data {input.data} --feature-net {input.feature_net} --kind {params.kind} {params.checksums}"
-        "--modes {params.modes} --out {output} --no-progress > {log} 2>&1"
+        "exec ect fid-stats --data {input.data:q} --feature-net {input.feature_net:q} --kind {params.kind:q}"
+        "{params.checksums} --modes {params.modes:q} --out {output:q} --no-progress > {log:q} 2>&1"
 
 
 rule fid:
     """FID of one sample set: min and mean over the config's sample sets."""
     input:
-        samples=f"{RESULTS}/samples/{{set}}.npz",
-        ref=REFERENCE,
-        feature_net=FEATURE_NET,
+        samples=L.samples("{set}"),
+        ref=L.reference,
+        feature_net=L.feature_net,
     output:
-        f"{RESULTS}/fid/{{set}}.json",
+        L.fid("{set}"),
+    log:
+        L.log("fid-{set}"),
+    benchmark:
+        L.benchmark("fid-{set}")
     wildcard_constraints:
         set="|".join(SAMPLE_SETS),
     conda:
         "../envs/ect.yaml"
-    log:
-        f"{LOGS}/fid-{{set}}.log",
-    benchmark:
-        f"{BENCH}/fid-{{set}}.tsv"
-    params:
-        config=config_files,
-        sets=config["sample"]["sets"],
-        modes=config["fid"]["modes"],
     threads: threads_of("fid")
     resources:
         **resources_of("fid"),
+    params:
+        config=config_files,
+        settings=settings("fid"),
     shell:
-        "ect fid --config {params.config} --samples {input.samples} --ref {input.ref} --feature-net {input.feature_net}"
-        " --out {output} --no-progress > {log} 2>&1"
+        "exec ect fid --config {params.config:q} --samples {input.samples:q} --ref {input.ref:q}"
+        " --feature-net {input.feature_net:q} --out {output:q} --no-progress > {log:q} 2>&1"
 
 
 rule fid_curve:
     """FID against training budget: every EMA snapshot of the tuning run, 1 and 2 steps."""
     input:
-        snapshots=f"{RESULTS}/snapshots",
-        ref=REFERENCE,
-        feature_net=FEATURE_NET,
+        snapshots=L.snapshots,
+        ref=L.reference,
+        feature_net=L.feature_net,
     output:
-        f"{RESULTS}/fid/curve.json",
+        L.curve,
+    log:
+        L.log("fid_curve"),
+    benchmark:
+        L.benchmark("fid_curve")
     conda:
         "../envs/ect.yaml"
-    log:
-        f"{LOGS}/fid_curve.log",
-    benchmark:
-        f"{BENCH}/fid_curve.tsv"
-    params:
-        config=config_files,
-        settings=config["fid"],
-        t_mid=config["sample"]["t_mid"],  # the 2-step curve samples with it
     threads: threads_of("fid_curve")
     resources:
         **resources_of("fid_curve"),
+    params:
+        config=config_files,
+        settings=settings("fid_curve"),
     shell:
-        "ect fid-curve --config {params.config} --snapshots {input.snapshots} --ref {input.ref}"
-        " --feature-net {input.feature_net} --out {output} --no-progress > {log} 2>&1"
+        "exec ect fid-curve --config {params.config:q} --snapshots {input.snapshots:q} --ref {input.ref:q}"
+        " --feature-net {input.feature_net:q} --out {output:q} --no-progress > {log:q} 2>&1"

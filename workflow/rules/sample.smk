@@ -3,22 +3,22 @@ rule sample:
     input:
         checkpoint=checkpoint_of,
     output:
-        samples=f"{RESULTS}/samples/{{set}}.npz",
-        grid=f"{RESULTS}/samples/{{set}}.png",
+        samples=L.samples("{set}"),
+        grid=L.grid("{set}"),
+    log:
+        L.log("sample-{set}"),
+    benchmark:
+        L.benchmark("sample-{set}")
     wildcard_constraints:
         set="|".join(SAMPLE_SETS),
     conda:
         "../envs/ect.yaml"
-    log:
-        f"{LOGS}/sample-{{set}}.log",
-    benchmark:
-        f"{BENCH}/sample-{{set}}.tsv"
-    params:
-        config=config_files,
-        settings=config["sample"],
     threads: threads_of("sample")
     resources:
         **resources_of("sample"),
+    params:
+        config=config_files,
+        settings=settings("sample"),
     shell:
-        "ect sample --config {params.config} --set {wildcards.set} --checkpoint {input.checkpoint} --out {output.samples}"
-        " --grid {output.grid} --no-progress > {log} 2>&1"
+        "exec ect sample --config {params.config:q} --set {wildcards.set:q} --checkpoint {input.checkpoint:q}"
+        " --out {output.samples:q} --grid {output.grid:q} --no-progress > {log:q} 2>&1"

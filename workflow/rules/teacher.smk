@@ -1,65 +1,47 @@
-if config["teacher"]["source"] == "pretrain":  # toy: a small teacher trained here
+# The teacher: trained here (toy) or a pretrained EDM pickle converted to our checkpoint.
+if config["teacher"]["source"] == "pretrain":
 
     rule pretrain:
         """Toy stand-in for the EDM download: train a small EDM teacher from scratch."""
         input:
-            data=DATASET,
+            data=L.dataset,
         output:
-            teacher=TEACHER,
-            train_log=PRETRAIN_LOG,
+            teacher=L.teacher,
+            train_log=L.pretrain_log,
+        log:
+            L.log("pretrain"),
+        benchmark:
+            L.benchmark("pretrain")
         conda:
             "../envs/ect.yaml"
-        log:
-            f"{LOGS}/pretrain.log",
-        benchmark:
-            f"{BENCH}/pretrain.tsv"
-        params:
-            config=config_files,
-            settings=training_settings("pretrain"),
-            state=f"{RESULTS}/state/pretrain",  # resumable state: not an output, so a retry resumes
         threads: threads_of("pretrain")
         resources:
             **resources_of("pretrain"),
-        shell:
-            "ect pretrain --config {params.config} --data {input.data} --state-dir {params.state}"
-            " --out {output.teacher} --train-log {output.train_log} --no-progress > {log} 2>&1"
-
-else:  # a pretrained EDM pickle
-
-    rule fetch_teacher:
-        """Download the pretrained EDM pickle, sha256-verified (login node: a localrule)."""
-        localrule: True
-        output:
-            TEACHER_PICKLE,
-        conda:
-            "../envs/ect.yaml"
-        log:
-            f"{LOGS}/fetch_teacher.log",
-        benchmark:
-            f"{BENCH}/fetch_teacher.tsv"
         params:
-            url=config["teacher"]["url"],
-            checksums=checksum_args(config["teacher"]),
-        resources:
-            **resources_of("fetch_teacher"),
+            config=config_files,
+            settings=settings("pretrain"),
+            state=L.state("pretrain"),  # resumable state: not an output, so a retry resumes
         shell:
-            "ect fetch {params.url} {params.checksums}--out {output} --no-progress > {log} 2>&1"
+            "exec ect pretrain --config {params.config:q} --data {input.data:q} --state-dir {params.state:q}"
+            " --out {output.teacher:q} --train-log {output.train_log:q} --no-progress > {log:q} 2>&1"
+
+else:
 
     rule teacher:
         """Convert the EDM pickle to our checkpoint without executing anything from it."""
         input:
-            TEACHER_PICKLE,
+            L.teacher_pickle,
         output:
-            TEACHER,
+            L.teacher,
+        log:
+            L.log("teacher"),
+        benchmark:
+            L.benchmark("teacher")
         conda:
             "../envs/ect.yaml"
-        log:
-            f"{LOGS}/teacher.log",
-        benchmark:
-            f"{BENCH}/teacher.tsv"
-        params:
-            sha256=config["teacher"]["sha256"],
         resources:
             **resources_of("teacher"),
+        params:
+            checksums=checksum_args(config["teacher"]),
         shell:
-            "ect convert-edm {input} {output} --sha256 {params.sha256} > {log} 2>&1"
+            "exec ect convert-edm {input:q} {output:q}{params.checksums} > {log:q} 2>&1"

@@ -1,25 +1,18 @@
 rule tune:
     """ECT: tune the teacher into a consistency model; EMA snapshots for the FID curve."""
     input:
-        data=DATASET,
-        teacher=TEACHER,
+        data=L.dataset,
+        teacher=L.teacher,
     output:
-        tuned=TUNED,
-        snapshots=directory(f"{RESULTS}/snapshots"),
-        train_log=f"{RESULTS}/train-log.jsonl",
+        tuned=L.tuned,
+        snapshots=directory(L.snapshots),
+        train_log=L.train_log,
+    log:
+        L.log("tune"),
+    benchmark:
+        L.benchmark("tune")
     conda:
         "../envs/ect.yaml"
-    log:
-        f"{LOGS}/tune.log",
-    benchmark:
-        f"{BENCH}/tune.tsv"
-    params:
-        config=config_files,
-        settings=training_settings("tune"),
-        state=f"{RESULTS}/state/tune",  # resumable state: not an output, so a retry resumes
-        # one process per GPU on this node (torchrun); a single process without torchrun otherwise
-        launcher=(f"torchrun --standalone --nproc_per_node={gpus_of('tune')} -m ect.cli"
-                  if gpus_of("tune") > 1 else "ect"),
     threads: threads_of("tune")
     resources:
         **resources_of("tune"),
@@ -27,7 +20,17 @@ rule tune:
         # its state and exits 75), and requeue after a preemption or node failure. A job that ends
         # at its limit fails; Snakemake's retries (slurm profile) resubmit it and training resumes.
         slurm_extra="--signal=USR1@300 --requeue",
+    params:
+        config=config_files,
+        settings=settings("tune"),
+        state=L.state("tune"),  # resumable state: not an output, so a retry resumes
+        # one process per GPU on this node (torchrun); a single process without torchrun otherwise
+        launcher=(
+            ["torchrun", "--standalone", f"--nproc_per_node={gpus_of('tune')}", "-m", "ect.cli"]
+            if gpus_of("tune") > 1
+            else ["ect"]
+        ),
     shell:
-        "{params.launcher} tune --config {params.config} --data {input.data} --teacher {input.teacher} --state-dir {params.state}"
-        " --out {output.tuned} --snapshots {output.snapshots} --train-log {output.train_log}"
-        " --no-progress > {log} 2>&1"
+        "exec {params.launcher:q} tune --config {params.config:q} --data {input.data:q} --teacher {input.teacher:q}"
+        " --state-dir {params.state:q} --out {output.tuned:q} --snapshots {output.snapshots:q}"
+        " --train-log {output.train_log:q} --no-progress > {log:q} 2>&1"
