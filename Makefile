@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: venv demo test test-fast lint dvc bench device-wheels
+.PHONY: venv demo test test-fast lint dvc docs bench device-wheels
 venv: $(VENV)/.installed
 
 # The venv is rebuilt when pyproject.toml changes; torch 2.14.1 is pinned there.
@@ -33,6 +33,10 @@ lint: venv
 # The DVC pipelines (dvc.yaml, pipelines/<preset>/dvc.yaml), generated from the Snakemake workflow.
 dvc: venv
 	PATH="$(BIN):$$PATH" $(PY) workflow/generate_dvc.py
+
+# docs/cli.md, from `ect --help` (tests/test_docs.py keeps it true).
+docs: venv
+	$(PY) -c "from ect.cli import help_markdown; open('docs/cli.md', 'w').write(help_markdown())"
 
 bench: venv
 	$(PY) benchmarks/step_time.py

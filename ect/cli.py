@@ -406,15 +406,39 @@ STEPS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line (exit 2) like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ect", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="<step>")
+    parser = Parser(prog="ect", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<step>", parser_class=Parser)
     for step in STEPS:
         p = sub.add_parser(step.name, help=step.summary, description=step.description)
         step.arguments(p)
         p.set_defaults(func=step.run, **dict(step.defaults))
     return parser
+
+
+def help_markdown() -> str:
+    """docs/cli.md: `ect --help` and every step's `--help` (`make docs` writes it; a test keeps it true)."""
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "102"  # argparse wraps to the terminal: fix the width for a stable page
+    try:
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parts = ["# `ect` command reference\n\nGenerated from `ect --help` by `make docs`; do not edit.\n",
+                 f"```\n{parser.format_help()}```\n"]
+        parts += [f"## `ect {step.name}`\n\n```\n{sub.choices[step.name].format_help()}```\n" for step in STEPS]
+        return "\n".join(parts)
+    finally:
+        if saved is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = saved
 
 
 # ---------------------------------------------------------------------------------------------

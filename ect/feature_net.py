@@ -7,8 +7,9 @@ ImageNet-like images, it is a network trained to tell the dataset's classes apar
 features respond to whether a sample looks like a real digit. The numbers are comparable only
 between runs that use the same feature file (its sha256 is in the FID results and the report).
 
-It is saved as TorchScript with the Inception interface clean-fid uses: float images (N, 3, H, W)
-in [0, 255] -> features (N, D), plus a ``meta.json`` extra file (input resolution, accuracy, seed).
+It is saved as TorchScript with the Inception interface clean-fid uses: float images (N, C, H, W)
+in [0, 255] -> features (N, D), plus a ``meta.json`` extra file (input resolution and channels,
+accuracy, seed). C is the dataset's: 1 for the grayscale digits.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ META_FILE = "meta.json"
 class DigitsFeatureNet(nn.Module):
     """conv 16×16 -> 8×8 -> 4×4, then a 64-d feature layer; ``head`` classifies (training only)."""
 
-    def __init__(self, resolution: int, feature_dim: int = 64, num_classes: int = 10):
+    def __init__(self, resolution: int, feature_dim: int = 64, num_classes: int = 10, channels: int = 3):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
             nn.Flatten(), nn.Linear(64 * (resolution // 4) ** 2, feature_dim), nn.ReLU())
@@ -44,8 +45,9 @@ class DigitsFeatureNet(nn.Module):
 def train_feature_net(images: np.ndarray, labels: np.ndarray, out_path, seed: int = 0, epochs: int = 30,
                       batch: int = 64, lr: float = 2e-3, holdout: float = 0.2) -> dict:
     """Train on (1 - holdout) of the images, measure accuracy on the rest, save TorchScript. Returns meta."""
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % 4:
-        raise ValueError(f"feature net needs RGB images with a resolution divisible by 4, got {images.shape}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] % 4:
+        raise ValueError(f"feature net needs 1- or 3-channel images with a resolution divisible by 4, got "
+                         f"{images.shape}")
     num_classes = int(labels.max()) + 1
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -54,7 +56,7 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray, out_path, seed: in
     order = torch.randperm(len(x), generator=gen)
     n_test = int(len(x) * holdout)
     test, train = order[:n_test], order[n_test:]
-    net = DigitsFeatureNet(images.shape[1], num_classes=num_classes)
+    net = DigitsFeatureNet(images.shape[1], num_classes=num_classes, channels=images.shape[-1])
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for _ in range(epochs):
         perm = train[torch.randperm(len(train), generator=gen)]
@@ -67,7 +69,8 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray, out_path, seed: in
     net.eval()
     with torch.no_grad():
         accuracy = (net.head(net(x[test])).argmax(1) == y[test]).float().mean().item() if n_test else float("nan")
-    meta = {"kind": "digits-classifier", "resolution": images.shape[1], "feature_dim": 64, "seed": seed,
+    meta = {"kind": "digits-classifier", "resolution": images.shape[1], "channels": images.shape[-1],
+            "feature_dim": 64, "seed": seed,
             "epochs": epochs, "train_images": len(train), "holdout_accuracy": accuracy}
     buf = io.BytesIO()
     with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format clean-fid's Inception uses

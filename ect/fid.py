@@ -49,7 +49,8 @@ class FeatureExtractor:
     ``inception``: clean-fid's ``InceptionV3W`` on our verified file; ``legacy_tensorflow`` feeds
     native-size images and lets the TorchScript resize them (the StyleGAN2-ADA/EDM/ECT protocol),
     ``clean`` resizes to 299 with PIL bicubic first. ``digits-classifier`` (toy): ``clean``
-    resizing to the network's own input size.
+    resizing to the network's own input size. Grayscale images go to an RGB network as three
+    equal channels.
     """
 
     def __init__(self, path, kind: str, mode: str, sha256: str | None = None, device="cpu"):
@@ -69,16 +70,21 @@ class FeatureExtractor:
             except RuntimeError as exc:
                 raise FIDError(f"cannot load feature network {path} (not TorchScript?): {exc}") from exc
             self.input_size = None if mode == "legacy_tensorflow" else 299
+            self.channels = 3
         elif kind == "digits-classifier":
             if mode != "clean":
                 raise FIDError("the digits-classifier feature network supports only the 'clean' mode")
             self.net, meta, self.sha256 = load_feature_net(path, sha256, self.device)
-            self.input_size = meta["resolution"]
+            self.input_size, self.channels = meta["resolution"], meta.get("channels", 3)
         else:
             raise FIDError(f"unknown feature network kind {kind!r}")
         self.resize = resizer(self.input_size) if self.input_size else None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        if images.shape[-1] != self.channels:
+            if images.shape[-1] != 1:
+                raise FIDError(f"the feature network takes {self.channels}-channel images, not {images.shape[-1]}")
+            images = np.repeat(images, self.channels, axis=-1)  # grayscale as RGB (Inception)
         if self.resize is not None and images.shape[1:3] != (self.input_size, self.input_size):
             images = np.stack([self.resize(img) for img in images])
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2).to(self.device)
@@ -95,8 +101,8 @@ def resizer(size: int):
 def compute_features(images: np.ndarray, extractor: FeatureExtractor, batch: int = 256,
                      progress: bool = False) -> np.ndarray:
     """uint8 NHWC images -> (N, D) float64 features."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise FIDError(f"FID needs uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise FIDError(f"FID needs uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
     if batch < 1:
         raise FIDError(f"batch must be at least 1, not {batch}")
     chunks = range(0, len(images), batch)

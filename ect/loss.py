@@ -1,6 +1,6 @@
 """The ECT objective (and EDM's denoising loss for training a small teacher).
 
-Formulas: ``shared/reference/ect-method.md`` §1a. Pure functions of tensors; randomness is passed
+Formulas: docs/method.md, "The objective". Pure functions of tensors; randomness is passed
 in explicitly so that the trainer controls (and can resume) every random stream.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Parameter and buffer names follow EDM exactly (``model.enc.16x16_block0.qkv.weight`` ...), so the
 ``ema`` state dict of an official EDM pickle loads by name. The forward pass reproduces EDM's
-arithmetic (see ``shared/reference/ect-method.md`` §1b and §1g); the code is our own.
+arithmetic (docs/method.md, "The network" and "Preconditioning"); the code is our own.
 """
 from __future__ import annotations
 

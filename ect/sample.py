@@ -2,7 +2,7 @@
 
 Each image's randomness comes from its own generator seeded by its index ("seed"), so any subset
 of seeds is reproducible on its own, and sampling can be split across jobs and merged.
-Arithmetic in float64 as the reference does (``shared/reference/ect-method.md`` §1d).
+Arithmetic in float64 as the reference does (docs/method.md, "Sampling").
 """
 from __future__ import annotations
 
@@ -198,19 +198,21 @@ def merge_samples(paths) -> tuple[np.ndarray, np.ndarray, dict]:
     return images[order], seeds[order], parts[0][2]
 
 
-def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64) -> None:
-    """The first rows·columns images as one PNG grid; images under ``min_size`` pixels are enlarged
-    by pixel replication (16×16 digits would be unreadable otherwise)."""
+def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64, gap: int = 1) -> None:
+    """The first rows·columns images as one PNG grid, ``gap`` gray pixels between them (dark-background
+    digits would run into each other); images under ``min_size`` pixels are enlarged by pixel
+    replication (16×16 digits would be unreadable otherwise)."""
     n = min(len(images), columns * columns)
     if n == 0:
         raise ValueError("no images for a grid")
     cols = min(columns, n)
     rows = -(-n // cols)
     h, w, c = images.shape[1:]
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    step_h, step_w = h + gap, w + gap
+    grid = np.full((rows * step_h - gap, cols * step_w - gap, c), 96, np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+        grid[r * step_h:r * step_h + h, q * step_w:q * step_w + w] = images[i]
     scale = max(1, -(-min_size // h))
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)

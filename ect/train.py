@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from ect.checkpoint import load_state_by_name, read_checkpoint, save_checkpoint
 from ect.config import CADENCE_KEYS, ConfigError, section
 from ect.data import load_dataset
-from ect.fileio import atomic_path, sha256_file, write_text_atomic
+from ect.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 from ect.loss import ECTLossConfig, EDMLossConfig, ect_loss, edm_loss, stage_at
 from ect.networks import build_network, count_parameters
 
@@ -261,11 +262,12 @@ class TrainState:
         self.path, self.log_path = state_dir / "state.pt", state_dir / "log.jsonl"
 
     def save(self) -> None:
-        with atomic_path(self.path) as tmp:
-            torch.save({"net": self.net.state_dict(), "ema": self.ema.state_dict(),
-                        "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
-                        "stage": self.cfg.stage_at(self.iteration), "data_position": self.iteration * self.cfg.batch,
-                        "rng_cpu": torch.get_rng_state(), "config_digest": self.cfg.digest(), "arch": self.arch}, tmp)
+        buf = io.BytesIO()  # serialised in memory first: a full disk then fails as an OSError naming the file
+        torch.save({"net": self.net.state_dict(), "ema": self.ema.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+                    "stage": self.cfg.stage_at(self.iteration), "data_position": self.iteration * self.cfg.batch,
+                    "rng_cpu": torch.get_rng_state(), "config_digest": self.cfg.digest(), "arch": self.arch}, buf)
+        write_bytes_atomic(self.path, buf.getvalue())
 
     def load(self) -> bool:
         """Resume from the saved state if there is one; return whether there was."""

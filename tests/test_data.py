@@ -5,11 +5,13 @@ from ect.data import DatasetError, content_hash, load_dataset, save_dataset
 from ect.data.digits import digits_images
 
 
-def test_digits_are_16x16_rgb_uint8_and_reproducible(tmp_path):
+def test_digits_are_16x16_grayscale_uint8_and_reproducible(tmp_path):
     images, labels = digits_images(16)
-    assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
+    assert images.shape == (1797, 16, 16, 1) and images.dtype == np.uint8
     assert images.max() == 255 and images.min() == 0 and sorted(set(labels.tolist())) == list(range(10))
-    np.testing.assert_array_equal(images[:, ::2, ::2, 0], images[:, 1::2, 1::2, 2])  # replicated pixels
+    np.testing.assert_array_equal(images[:, ::2, ::2, 0], images[:, 1::2, 1::2, 0])  # replicated pixels
+    from sklearn.datasets import load_digits
+    np.testing.assert_array_equal(images[:, ::2, ::2, 0], np.round(load_digits().images * 255 / 16))
     digest = save_dataset(tmp_path / "d.npz", images, labels)
     assert digest == content_hash(*digits_images(16))
     loaded, loaded_labels = load_dataset(tmp_path / "d.npz")

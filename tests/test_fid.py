@@ -87,13 +87,13 @@ def feature_setup(tmp_path_factory):
 def test_feature_net_is_torchscript_with_the_inception_interface_and_deterministic(feature_setup, tmp_path):
     tmp, config = feature_setup
     net, meta, digest = load_feature_net(tmp / "f.pt", sha256_file(tmp / "f.pt"))
-    assert meta["resolution"] == 16 and meta["seed"] == 0 and meta["epochs"] == 2
+    assert meta["resolution"] == 16 and meta["channels"] == 1 and meta["seed"] == 0 and meta["epochs"] == 2
     assert meta["holdout_accuracy"] > 0.5  # 10 classes: chance is 0.1
-    out = net(torch.rand(5, 3, 16, 16) * 255)
+    out = net(torch.rand(5, 1, 16, 16) * 255)
     assert out.shape == (5, 64) and out.dtype == torch.float32
     run_ect("feature-net", "--config", config, "--data", tmp / "data.npz", "--out", tmp_path / "again.pt")
     again, _, _ = load_feature_net(tmp_path / "again.pt")
-    x = torch.rand(7, 3, 16, 16) * 255
+    x = torch.rand(7, 1, 16, 16) * 255
     assert torch.equal(net(x), again(x))
     with pytest.raises(ChecksumError):
         load_feature_net(tmp / "f.pt", "0" * 64)

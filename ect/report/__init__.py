@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from ect.download import RECORD_FILE, ChecksumRecord
 from ect.fileio import remove_stale_temporaries, sha256_file
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.report import plots
@@ -91,6 +92,18 @@ def collect(config: dict, config_files: list[str]) -> dict:
     curve = _json(Path(layout.curve))
     checkpoints = {name: {"path": layout.checkpoint(name), "sha256": sha256_file(layout.checkpoint(name))}
                    for name in ("teacher", "tuned")}
+    record = ChecksumRecord(RECORD_FILE)
+    downloads = []
+    for rule, (path, entry) in layout.downloads.items():
+        recorded = record.get(entry["url"])
+        if entry.get("sha256") or entry.get("md5"):
+            how, digest = "pinned in the preset", entry.get("sha256") or f"md5 {entry['md5']}"
+        elif recorded:
+            how, digest = f"recorded on first use ({recorded.get('recorded', 'date unknown')})", recorded["sha256"]
+        else:
+            how, digest = f"not verified: no checksum pinned or recorded in {RECORD_FILE}", ""
+        downloads.append({"what": rule.removeprefix("fetch_").replace("_", " "), "url": entry["url"], "path": path,
+                          "sha256": digest, "how": how})
     return {
         "run": config["run"],
         "title": config["report"].get("title", f"ECT run {config['run']}"),
@@ -103,7 +116,8 @@ def collect(config: dict, config_files: list[str]) -> dict:
             "modes": config["fid"]["modes"],
             "feature_net": config["fid"]["feature_net"].get("url", "trained by the feature_net rule (fixed seed)"),
             "feature_net_sha256": any_fid["feature_net_sha256"],
-            "feature_net_pinned": bool(config["fid"]["feature_net"].get("sha256")),
+            "feature_net_check": next((d["how"] for d in downloads if d["path"] == layout.feature_net),
+                                      "trained by the feature_net rule"),
             "feature_net_kind": config["fid"]["feature_net"]["kind"],
             "reference": any_fid["reference"],
             "sets": any_fid["sets"],
@@ -123,6 +137,7 @@ def collect(config: dict, config_files: list[str]) -> dict:
             "dataset": {"path": layout.dataset, "content_sha256": any_fid["reference"].get("dataset_sha256"),
                         "file_sha256": sha256_file(layout.dataset)},
             "checkpoints": checkpoints,
+            "downloads": downloads,
             "teacher_source": config["teacher"],
             "versions": _versions(),
             "runtimes": _runtimes(Path(layout.benchmarks)),

@@ -1,0 +1,491 @@
+"""ect <step>: one command per pipeline step, each with explicit inputs, outputs and config.
+
+Exit status: 0 when the step's outputs were written completely; 2 for bad input (one line on
+stderr, nothing written); 75 when a trainer was stopped by a signal after saving its state (rerun
+to resume); 1 when training diverged.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import pickle
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+EPILOG = "Run 'ect <step> --help' for the options of one step."
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types and groups shared by several steps.
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def config_arg(p, required=True) -> None:
+    p.add_argument("--config", nargs="+", required=required, metavar="YAML",
+                   help="preset, then overlays, merged in order and validated (e.g. config/config.yaml)")
+
+
+def threads_arg(p) -> None:
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
+def device_args(p) -> None:
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+    threads_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def feature_args(p, scoring=True) -> None:
+    """The feature network; for scoring steps also the reference statistics and the JSON result."""
+    p.add_argument("--feature-net", required=True,
+                   help="TorchScript feature network (.pt); checked against its pinned sha256 when there is one")
+    if scoring:
+        p.add_argument("--ref", required=True, help="reference statistics from 'ect fid-stats'")
+        p.add_argument("--out", required=True, help="result .json")
+
+
+def train_args(p, with_teacher: bool) -> None:
+    config_arg(p)
+    p.add_argument("--section", help="config section to read (default: 'tune' or 'pretrain')")
+    p.add_argument("--data", required=True, help="dataset .npz written by 'ect' (uint8 images + labels)")
+    if with_teacher:
+        p.add_argument("--teacher", required=True, help="initial checkpoint (teacher.pt from convert-edm or pretrain)")
+        p.add_argument("--snapshots", help="directory that receives the EMA snapshots at the end")
+    p.add_argument("--state-dir", required=True,
+                   help="resumable state (weights, EMA, optimiser, step, RNG); rerunning the command resumes from it; "
+                        "one trainer at a time (it holds a lock on the directory)")
+    p.add_argument("--out", required=True, help="final EMA weights, our checkpoint format")
+    p.add_argument("--train-log", dest="log", help="copy of the per-tick JSON-lines log, written at the end")
+    threads_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def setup_device(args):
+    import torch
+
+    set_threads(args.threads)
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps: each parses its arguments, calls one library function and prints what it wrote.
+
+def run_convert_edm(args) -> int:
+    from ect.edm import convert_edm_pickle
+
+    convert_edm_pickle(args.src, args.dst, sha256=args.sha256, log=say)
+    return 0
+
+
+def run_prepare_data(args) -> int:
+    from ect.data import prepare_dataset, save_dataset
+
+    images, labels = prepare_dataset(args.source, args.resolution, args.archive)
+    digest = save_dataset(args.out, images, labels)
+    say(f"wrote {len(images)} images {images.shape[1:]} to {args.out} (content sha256 {digest})")
+    return 0
+
+
+def run_fetch(args) -> int:
+    from ect.download import fetch
+
+    result = fetch(args.url, args.out, md5=args.md5, sha256=args.sha256, record=args.record, size=args.size,
+                   timeout=args.timeout, retries=args.retries, progress=not args.no_progress,
+                   allow_unverified=args.unverified, max_bytes=args.max_bytes)
+    say(f"wrote {args.out} ({result['size']} bytes, sha256 {result['sha256']}, md5 {result['md5']}; "
+        f"{result['verified']})")
+    if result["verified"] == "unverified" or (result["verified"] == "pinned" and not args.sha256):
+        say(f"note: no sha256 was given to verify {args.url}; this file's is {result['sha256']}: pin it in the config")
+    return 0
+
+
+def run_train(args) -> int:
+    from ect.config import load_config
+    from ect.train import TrainConfig, run_cli
+
+    cfg = TrainConfig.from_config(load_config(*args.config), args.section or args.command, args.objective)
+    set_threads(args.threads)
+    return run_cli(cfg, data_path=args.data, state_dir=args.state_dir, out_path=args.out,
+                   init_path=getattr(args, "teacher", None), snapshot_dir=getattr(args, "snapshots", None),
+                   log_path=args.log, progress=not args.no_progress)
+
+
+SAMPLE_FLAGS = {"seeds": "0-63", "sampler": "consistency", "steps": 1, "t_mid": [0.821], "heun_steps": 18,
+                "batch": 256}
+
+
+def sample_settings(args) -> dict:
+    """The sampler settings: from the config's 'sample' section for a named set, else from the flags."""
+    from ect.config import ConfigError, load_config
+    from ect.layout import SAMPLE_SETS
+    from ect.sample import set_settings
+
+    given = [k for k in SAMPLE_FLAGS if getattr(args, k) is not None]
+    if not args.config:
+        return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in SAMPLE_FLAGS.items()}
+    if not args.set:
+        raise ConfigError("--config needs --set (one of " + ", ".join(SAMPLE_SETS) + ")")
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} cannot be combined with --config: the config sets it")
+    return set_settings(load_config(*args.config), args.set)
+
+
+def run_sample(args) -> int:
+    from ect.sample import sample_to_files
+
+    settings = sample_settings(args)
+    meta = sample_to_files(args.checkpoint, args.out, settings, grid=args.grid, set_name=args.set,
+                           device=setup_device(args), progress=not args.no_progress)
+    say(f"wrote samples of seeds {settings['seeds']} ({meta['nfe']} NFE) to {args.out}")
+    return 0
+
+
+def run_merge_samples(args) -> int:
+    from ect.sample import merge_samples, save_samples
+
+    images, seeds, meta = merge_samples(args.inputs)
+    save_samples(args.out, images, seeds, meta)
+    say(f"wrote {len(images)} samples to {args.out}")
+    return 0
+
+
+def run_feature_net(args) -> int:
+    from ect.config import load_config
+    from ect.data import load_dataset
+    from ect.feature_net import train_feature_net
+
+    cfg = load_config(*args.config)["fid"]["feature_net"]
+    images, labels = load_dataset(args.data)
+    set_threads(args.threads)
+    meta = train_feature_net(images, labels, args.out, seed=cfg.get("seed", 0), epochs=cfg.get("epochs", 15))
+    say(f"wrote {args.out}: held-out accuracy {meta['holdout_accuracy']:.4f}")
+    return 0
+
+
+def run_fid_stats(args) -> int:
+    from ect.fid import reference_statistics
+
+    meta = reference_statistics(args.data, args.feature_net, args.kind, args.sha256, args.modes, args.batch,
+                                setup_device(args), args.out, progress=not args.no_progress)
+    say(f"wrote reference statistics of {meta['images']} images ({', '.join(meta['modes'])}) to {args.out}")
+    return 0
+
+
+def run_fid(args) -> int:
+    from ect.config import load_config
+    from ect.fid import score_samples
+    from ect.fileio import write_json_atomic
+
+    result = score_samples(load_config(*args.config), args.samples, args.ref, args.feature_net, setup_device(args),
+                           progress=not args.no_progress)
+    write_json_atomic(args.out, result)
+    say(f"FID ({result['mode']}) {result['fid_min']:.3f} (min of {result['sets']}), {result['fid_mean']:.3f} "
+        f"(mean) -> {args.out}")
+    return 0
+
+
+def run_fid_curve(args) -> int:
+    from ect.config import load_config
+    from ect.fid import fid_curve
+    from ect.fileio import write_json_atomic
+
+    curve = fid_curve(load_config(*args.config), args.snapshots, args.ref, args.feature_net, setup_device(args),
+                      progress=not args.no_progress)
+    write_json_atomic(args.out, curve)
+    say(f"wrote the FID of {len(curve['points'])} snapshots to {args.out}")
+    return 0
+
+
+def run_report(args) -> int:
+    from ect.config import load_config
+    from ect.report import build_report
+
+    say(f"wrote {build_report(load_config(*args.config), list(args.config), args.out)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The command table.
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    summary: str  # one line, in `ect --help`
+    description: str  # `ect <step> --help`
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    defaults: tuple = ()  # extra (name, value) defaults of the parsed arguments
+
+
+def _convert_edm_args(p):
+    p.add_argument("src", help="EDM .pkl file")
+    p.add_argument("dst", help="output checkpoint (.pt)")
+    p.add_argument("--sha256", help="expected sha256 of SRC; a mismatch is an error and nothing is written")
+
+
+def _prepare_data_args(p):
+    from ect.data import SOURCES
+
+    p.add_argument("--source", required=True, choices=SOURCES, help="which dataset (config: dataset.source)")
+    p.add_argument("--resolution", required=True, type=positive_int,
+                   help="image size in pixels (config: dataset.resolution)")
+    p.add_argument("--archive", help="the downloaded archive (cifar10: cifar-10-python.tar.gz from 'ect fetch')")
+    p.add_argument("--out", required=True, help="output .npz")
+
+
+def _fetch_args(p):
+    from ect.download import MAX_BYTES, RECORD_FILE
+
+    p.add_argument("url", help="http(s) URL (the preset's dataset.url, teacher.url or fid.feature_net.url)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--md5", help="expected md5 (32 hex digits)")
+    p.add_argument("--sha256", help="expected sha256 (64 hex digits)")
+    p.add_argument("--record", metavar="FILE",
+                   help=f"with no --md5/--sha256: trust on first use. Verify against the URL's entry in FILE (the "
+                        f"pipeline's is {RECORD_FILE}), or, the first time, record the file's sha256 there to commit")
+    p.add_argument("--size", type=non_negative_int, help="expected size in bytes (config: size)")
+    p.add_argument("--max-bytes", type=positive_int, default=MAX_BYTES,
+                   help=f"refuse a file larger than this (default {MAX_BYTES})")
+    p.add_argument("--unverified", action="store_true",
+                   help="download without any checksum (by hand; prints the sha256 to pin; the pipeline never passes it)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a read may stall before a retry (default 60)")
+    p.add_argument("--retries", type=non_negative_int, default=3)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _sample_args(p):
+    from ect.layout import SAMPLE_SETS
+
+    p.add_argument("--checkpoint", required=True, help="our checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="output .npz (images uint8 NHWC, seeds, meta)")
+    p.add_argument("--grid", help="also write a PNG grid of the first 64 images")
+    config_arg(p, required=False)
+    p.add_argument("--set", choices=list(SAMPLE_SETS), help="which of the pipeline's sample sets (with --config)")
+    p.add_argument("--seeds", help="seed list, e.g. '0-49999' or '0-99,200-299' (default 0-63)")
+    p.add_argument("--sampler", choices=["consistency", "heun"], help="default consistency")
+    p.add_argument("--steps", type=positive_int, help="consistency steps (default 1)")
+    p.add_argument("--t-mid", type=float, nargs="+", help="intermediate times in (0, 80) for multi-step sampling "
+                                                          "(default 0.821)")
+    p.add_argument("--heun-steps", type=positive_int, help="Heun steps, at least 2 (default 18 -> 35 evaluations)")
+    p.add_argument("--batch", type=positive_int, help="default 256")
+    device_args(p)
+
+
+def _merge_samples_args(p):
+    p.add_argument("out")
+    p.add_argument("inputs", nargs="+")
+
+
+def _feature_net_args(p):
+    config_arg(p)
+    p.add_argument("--data", required=True, help="dataset .npz")
+    p.add_argument("--out", required=True, help="TorchScript file to write")
+    threads_arg(p)
+
+
+def _fid_stats_args(p):
+    from ect.fid import MODES
+
+    p.add_argument("--data", required=True, help="dataset .npz")
+    p.add_argument("--out", required=True, help="statistics .npz (mu_<mode>, sigma_<mode>, meta)")
+    feature_args(p, scoring=False)
+    p.add_argument("--kind", required=True, choices=["digits-classifier", "inception"],
+                   help="the feature network (config: fid.feature_net.kind)")
+    p.add_argument("--sha256", help="expected sha256 of --feature-net (config: fid.feature_net.sha256)")
+    p.add_argument("--modes", required=True, nargs="+", choices=list(MODES), metavar="MODE",
+                   help=f"clean-fid modes, {' or '.join(MODES)} (config: fid.modes)")
+    p.add_argument("--batch", type=positive_int, default=250, help="images per forward pass (default 250)")
+    device_args(p)
+
+
+def _fid_args(p):
+    config_arg(p)
+    p.add_argument("--samples", required=True, help="samples .npz from 'ect sample'")
+    feature_args(p)
+    device_args(p)
+
+
+def _fid_curve_args(p):
+    config_arg(p)
+    p.add_argument("--snapshots", required=True, help="directory of snapshot checkpoints (*.pt)")
+    feature_args(p)
+    device_args(p)
+
+
+def _report_args(p):
+    config_arg(p)
+    p.add_argument("--out", required=True,
+                   help="the report's directory, e.g. reports/<run> (its page is index.html); replaced as a whole, "
+                        "and only if it is a report directory")
+
+
+RESUME_HELP = (" Resumable: rerun the same command to continue. Exit 75 when stopped by SIGTERM/SIGUSR1 after "
+               "saving state, 1 when the loss diverges (the last good state is kept).")
+
+STEPS = [
+    Step("convert-edm", "EDM/ECT .pkl snapshot -> our checkpoint, executing nothing from it",
+         "Read an EDM (or ECT) training snapshot with a restricted unpickler (an allow-list of globals; the embedded "
+         "source is never executed, tensors are rebuilt from checked sizes and bytes only), verify its sha256 first "
+         "when given, check the architecture and every weight's shape, and write the 'ema' network as our checkpoint "
+         "(torch.load weights_only).", _convert_edm_args, run_convert_edm),
+    Step("prepare-data", "write a dataset in our format (uint8 NHWC .npz + content hash)",
+         "Write a dataset in our on-disk format. 'digits': scikit-learn's bundled 8x8 handwritten digits (real images, "
+         "no download) upsampled by pixel replication to --resolution. 'cifar10': the 50,000 training images of the "
+         "official python tarball (--archive), in EDM's order, at 32x32. The content hash covers the pixels and labels "
+         "only, not the archive's timestamps.", _prepare_data_args, run_prepare_data),
+    Step("fetch", "download a file, checksum-verified and resumable",
+         "Download an http(s) URL to --out and verify it before renaming it into place: against --md5/--sha256, or "
+         "trust on first use with --record (the first fetch records the sha256, every later one is verified "
+         "against it). Resumes (HTTP Range) after a dropped or stalled connection; a full disk, a mismatch or a "
+         "file over its size limit leaves no output. Run on a machine with internet (a login node); 'snakemake "
+         "prefetch' runs every download of a preset.", _fetch_args, run_fetch),
+    Step("pretrain", "train a small EDM teacher with EDM's loss (toy presets)",
+         "Train an EDM-preconditioned network from scratch with EDM's denoising loss. Options come from the config's "
+         "'pretrain' section." + RESUME_HELP, lambda p: train_args(p, with_teacher=False), run_train,
+         (("objective", "edm"),)),
+    Step("tune", "ECT: tune a teacher into a consistency model",
+         "Easy Consistency Tuning from a teacher checkpoint. Options come from the config's 'tune' section. Runs under "
+         "torchrun for DDP (global batch fixed)." + RESUME_HELP, lambda p: train_args(p, with_teacher=True),
+         run_train, (("objective", "ect"),)),
+    Step("sample", "generate images (consistency 1/2-step, or the teacher's Heun sampler)",
+         "Generate images; image i uses a generator seeded with i, so any seed subset is reproducible and jobs can be "
+         "split and merged. Writes uint8 NHWC .npz (+ PNG grid). With --config and --set, the sampler settings come "
+         "from the config's 'sample' section (the pipeline's way); otherwise from the flags. Non-finite network "
+         "outputs are an error, not black images.", _sample_args, run_sample),
+    Step("merge-samples", "merge sample files from split jobs (ordered by seed)",
+         "Concatenate .npz sample files of the same model and sampler; seeds must not overlap.",
+         _merge_samples_args, run_merge_samples),
+    Step("feature-net", "train the toy FID feature network (a digits classifier, fixed seed)",
+         "Train a small CNN classifier on the dataset (80%% train, 20%% held out; seed and epochs from the config's "
+         "fid.feature_net) and save its 64-d penultimate features as TorchScript with the Inception interface: float "
+         "images (N, 3, H, W) in [0, 255] -> (N, 64).", _feature_net_args, run_feature_net),
+    Step("fid-stats", "reference FID statistics (mean, covariance) of a dataset",
+         "Features of every image of the dataset in each --modes, then their mean and covariance (float64), in one "
+         ".npz. Takes the feature network's settings rather than a config, so that presets sharing a dataset share "
+         "its statistics.", _fid_stats_args, run_fid_stats),
+    Step("fid", "FID of a sample file against reference statistics (min and mean over sets)",
+         "Split the samples (ordered by seed) into the config's sample.sets equal sets, compute the FID of each "
+         "against the reference in every fid.modes, and write min, mean and every value as JSON (the first mode is "
+         "the headline). The samples must match the reference's resolution.", _fid_args, run_fid),
+    Step("fid-curve", "FID of every training snapshot (FID against training budget)",
+         "Sample every snapshot in a directory with the consistency sampler (fid.curve_steps steps, seeds "
+         "0..fid.curve_samples-1) and score it against the reference; one JSON with a point per snapshot.",
+         _fid_curve_args, run_fid_curve),
+    Step("report", "the run's HTML report (FID table, grids, curves, protocol, provenance)",
+         "Render the report of one run with Jinja2 from the run's files (their paths come from the config's run "
+         "layout). The page and its images go to --out, a directory that is replaced as a whole, and only if it is "
+         "missing, empty or an earlier report; everything is local, so it reads offline.", _report_args, run_report),
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line (exit 2) like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="ect", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<step>", parser_class=Parser)
+    for step in STEPS:
+        p = sub.add_parser(step.name, help=step.summary, description=step.description)
+        step.arguments(p)
+        p.set_defaults(func=step.run, **dict(step.defaults))
+    return parser
+
+
+def help_markdown() -> str:
+    """docs/cli.md: `ect --help` and every step's `--help` (`make docs` writes it; a test keeps it true)."""
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "102"  # argparse wraps to the terminal: fix the width for a stable page
+    try:
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parts = ["# `ect` command reference\n\nGenerated from `ect --help` by `make docs`; do not edit.\n",
+                 f"```\n{parser.format_help()}```\n"]
+        parts += [f"## `ect {step.name}`\n\n```\n{sub.choices[step.name].format_help()}```\n" for step in STEPS]
+        return "\n".join(parts)
+    finally:
+        if saved is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = saved
+
+
+# ---------------------------------------------------------------------------------------------
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent process dies (say, a snakemake killed with SIGKILL), so that no
+    step outlives it; a trainer then saves its state and exits. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, pickle.UnpicklingError, MemoryError, RecursionError)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if argv is None:  # the `ect` program itself, not a call from Python
+        die_with_parent()
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as exc:
+        say(f"error: {describe(exc)}")
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+
+
+def describe(exc: BaseException) -> str:
+    """One line: the message of an expected error (an OSError names its file)."""
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f": {exc}" if str(exc) else "")
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply"
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Our uniform on-disk dataset: one ``.npz`` with ``images`` (uint8 NHWC) and ``labels`` (int64).
+
+Its identity is a content hash of the decoded pixels and labels, independent of archive
+timestamps or compression, so the same images always give the same hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+
+import numpy as np
+
+from ect.fileio import write_bytes_atomic
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def content_hash(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for arr in (np.ascontiguousarray(images, dtype=np.uint8), np.ascontiguousarray(labels, dtype=np.int64)):
+        h.update(repr((arr.dtype.str, arr.shape)).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def save_dataset(path, images: np.ndarray, labels: np.ndarray) -> str:
+    """Write the dataset atomically; return its content hash."""
+    check_dataset(images, labels)
+    digest = content_hash(images, labels)
+    buf = io.BytesIO()
+    np.savez(buf, images=images, labels=labels.astype(np.int64), content_sha256=np.array(digest))
+    write_bytes_atomic(path, buf.getvalue())
+    return digest
+
+
+def check_dataset(images: np.ndarray, labels: np.ndarray, where="dataset") -> None:
+    """Our format's rules: uint8 NHWC images with 1 or 3 channels, at least one; an int label >= 0 each."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
+            or images.shape[-1] not in (1, 3):
+        raise DatasetError(f"{where}: images must be uint8 NHWC with 1 or 3 channels, got "
+                           f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
+    if images.shape[1] != images.shape[2] or images.shape[1] < 1:
+        raise DatasetError(f"{where}: images must be square, got {images.shape[1]}x{images.shape[2]}")
+    if len(images) == 0:
+        raise DatasetError(f"{where} holds no images")
+    if not isinstance(labels, np.ndarray) or labels.shape != (images.shape[0],) \
+            or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{where}: labels must be integers of shape ({images.shape[0]},), got "
+                           f"{getattr(labels, 'dtype', '')} {getattr(labels, 'shape', '')}")
+    if labels.min() < 0:
+        raise DatasetError(f"{where}: labels must be >= 0, found {int(labels.min())}")
+
+
+def load_dataset(path, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, labels, digest = f["images"], f["labels"], str(f["content_sha256"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
+    check_dataset(images, labels, f"dataset {path}")
+    if verify and content_hash(images, labels) != digest:
+        raise DatasetError(f"dataset {path} does not match its recorded content hash (corrupt?)")
+    return images, labels
+
+
+def load_dataset_digest(path) -> str:
+    """The content hash recorded in a dataset file (not recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return str(f["content_sha256"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
+
+
+SOURCES = ("digits", "cifar10")  # the config's dataset.source
+
+
+def prepare_dataset(source: str, resolution: int, archive=None) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of a dataset source: 'digits' (bundled with scikit-learn) or 'cifar10' (the
+    official python tarball, already downloaded)."""
+    if source == "digits":
+        from ect.data.digits import digits_images
+
+        return digits_images(resolution)
+    if source == "cifar10":
+        from ect.data.cifar10 import read_cifar10_train
+
+        if resolution != 32:
+            raise DatasetError(f"cifar10 is 32x32; --resolution {resolution} is not supported")
+        if not archive:
+            raise DatasetError("dataset source 'cifar10' needs --archive (the downloaded cifar-10-python.tar.gz)")
+        return read_cifar10_train(archive)
+    raise DatasetError(f"unknown dataset source {source!r}; known: {', '.join(SOURCES)}")

@@ -1,0 +1,221 @@
+"""Downloads that either produce a verified file or nothing.
+
+``download(url, dst, md5=..., sha256=...)`` streams into ``dst.part`` and resumes it with an HTTP
+Range request after a dropped connection or a stall (a read that waits longer than ``timeout``),
+up to ``retries`` times. Only a complete file whose checksums match is renamed to ``dst``. On any
+reported failure (HTTP error, checksum mismatch, too large, still truncated after the retries) the
+partial file is deleted; a process killed midway leaves only ``dst.part``, which the next call
+resumes and verifies like any other. A full disk is reported at once, naming the file, not retried.
+
+Only http(s) URLs are fetched (redirects included), checksums must be well-formed before anything is
+requested, and no file may exceed its known size or ``max_bytes``.
+
+A file whose publisher gives no checksum is fetched **trust on first use** with a record file
+(:class:`ChecksumRecord`, ``downloads.lock`` in the repository): the first fetch records its sha256
+and size with the date, the user commits the record, and every later fetch is verified against it.
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import hashlib
+import http.client
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from ect.fileio import ChecksumError, OutputError, check_checksum_format, fsync_dir, make_parent, write_text_atomic
+
+CHUNK = 1 << 20
+USER_AGENT = "ect-pipeline (+https://github.com/locuslab/ect reimplementation)"
+MAX_BYTES = 8 << 30  # no download of this project is larger (the biggest EDM2 teacher is about 2.3 GB)
+RECORD_FILE = "downloads.lock"  # the record of first-use checksums, at the repository root
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def check_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"only http(s) URLs are downloaded, not {str(url)[:200]!r}")
+    return url
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_url(newurl)  # a server may not send us to file:// or ftp://
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
+def _digests(path: Path) -> dict[str, str]:
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            md5.update(chunk)
+            sha.update(chunk)
+    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
+
+
+class _DiskFull(Exception):
+    """Writing the part file failed for a reason retrying cannot fix (carries the OSError)."""
+
+
+def _fetch_into(url: str, part: Path, timeout: float, progress: bool, max_bytes: int) -> None:
+    """Append the rest of ``url`` to ``part`` (Range from its size); raise on a short or failed read."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT,
+                                                   **({"Range": f"bytes={have}-"} if have else {})})
+    with _OPENER.open(request, timeout=timeout) as response:
+        if have and response.status != 206:  # the server ignored the Range header: start over
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None and length.isdigit() else None
+        if total is not None and total > max_bytes:
+            raise ChecksumError(f"{url} is {total} bytes, more than the {max_bytes} bytes allowed; refusing it")
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                             desc=part.name[:-5], disable=not progress,
+                                                             file=sys.stderr) as bar:
+            size = have
+            while chunk := response.read(CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ChecksumError(f"{url} sent more than the {max_bytes} bytes allowed; refusing it")
+                try:
+                    f.write(chunk)
+                except OSError as exc:
+                    raise _DiskFull(exc) from exc
+                bar.update(len(chunk))
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise _DiskFull(exc) from exc
+    if total is not None and part.stat().st_size < total:
+        raise DownloadError(f"connection closed after {part.stat().st_size} of {total} bytes")
+
+
+def download(url: str, dst, md5: str | None = None, sha256: str | None = None, timeout: float = 60.0,
+             retries: int = 3, backoff: float = 2.0, progress: bool = True, allow_unverified: bool = False,
+             size: int | None = None, max_bytes: int = MAX_BYTES) -> dict[str, str]:
+    """Download ``url`` to ``dst`` (atomically, after checking md5/sha256/size); return the file's digests.
+
+    Without a checksum the download is refused unless ``allow_unverified`` (trust on first use)."""
+    check_url(url)
+    md5 = check_checksum_format("md5", md5) if md5 is not None else None
+    sha256 = check_checksum_format("sha256", sha256) if sha256 is not None else None
+    if not (md5 or sha256 or allow_unverified):
+        raise ValueError(f"refusing to download {url} without a checksum to verify it against. Pin its sha256 in "
+                         "the config, or trust this one download by hand ('ect fetch URL --out FILE --unverified'), "
+                         "check the sha256 it prints against a source you trust, and pin that")
+    if size is not None:
+        max_bytes = min(max_bytes, size)
+    dst = Path(dst)
+    make_parent(dst)
+    part = dst.with_name(dst.name + ".part")
+    try:
+        for attempt in range(retries + 1):
+            try:
+                _fetch_into(url, part, timeout, progress, max_bytes)
+                break
+            except _DiskFull as exc:
+                cause = exc.args[0]
+                raise OutputError(cause.errno or errno.EIO, f"cannot write {part}: {cause.strerror or cause}; "
+                                  "the partial file was deleted") from cause
+            except urllib.error.HTTPError as exc:
+                if exc.code == 416 and part.exists():  # Range past the end: the part is complete or wrong
+                    break
+                raise DownloadError(f"HTTP {exc.code} {exc.reason} for {url}") from exc
+            except (urllib.error.URLError, http.client.HTTPException, OSError, DownloadError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if attempt == retries:
+                    raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {reason}") from exc
+                print(f"download of {url} interrupted ({reason}); resuming in {backoff * 2 ** attempt:.0f} s",
+                      file=sys.stderr)
+                time.sleep(backoff * 2 ** attempt)
+        digests = _digests(part)
+        actual_size = part.stat().st_size
+        if size is not None and actual_size != size:
+            raise ChecksumError(f"size mismatch for {url}: expected {size} bytes, got {actual_size}; "
+                                "the file was deleted")
+        for name, expected in (("md5", md5), ("sha256", sha256)):
+            if expected and digests[name] != expected:
+                raise ChecksumError(f"{name} mismatch for {url}: expected {expected}, got {digests[name]} "
+                                    f"({actual_size} bytes); the file was deleted")
+        os.replace(part, dst)
+        fsync_dir(dst.parent)
+        return digests
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):  # an interrupted download is kept to be resumed
+            part.unlink(missing_ok=True)
+        raise
+
+
+class ChecksumRecord:
+    """The record of first-use checksums (YAML: url -> sha256, size, recorded date), kept in git."""
+
+    HEADER = ("# sha256 of downloads whose publisher gives no checksum, recorded by `ect fetch` the first time\n"
+              "# each was fetched (trust on first use). Every later fetch is verified against it. Commit this\n"
+              "# file; check a new entry against a source you trust.\n")
+
+    def __init__(self, path=RECORD_FILE):
+        self.path = Path(path)
+
+    def entries(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            data = yaml.safe_load(self.path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read the checksum record {self.path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"the checksum record {self.path} is not a mapping of URLs")
+        return data
+
+    def get(self, url: str) -> dict | None:
+        entry = self.entries().get(url)
+        if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"the checksum record {self.path} has a malformed entry for {url}")
+        return entry
+
+    def add(self, url: str, sha256: str, size: int) -> dict:
+        """Record a first fetch (under a lock: downloads may run in parallel)."""
+        make_parent(self.path)
+        with open(self.path.with_name(self.path.name + ".flock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = self.entries()
+            entry = {"sha256": sha256, "size": size, "recorded": datetime.date.today().isoformat()}
+            entries[url] = entry
+            write_text_atomic(self.path, self.HEADER + yaml.safe_dump(entries, sort_keys=True))
+        return entry
+
+
+def fetch(url: str, out, md5=None, sha256=None, record=None, size=None, **kwargs) -> dict:
+    """What `ect fetch` does: verify against the given checksums; else against the URL's entry in the
+    ``record`` file, recording it on first use; returns the digests and how they were verified."""
+    size_of = Path(out).stat
+    if md5 or sha256 or record is None:
+        digests = download(url, out, md5=md5, sha256=sha256, size=size, **kwargs)
+        return {**digests, "size": size_of().st_size, "verified": "pinned" if md5 or sha256 else "unverified"}
+    entry = ChecksumRecord(record).get(url)
+    if entry is not None:
+        digests = download(url, out, sha256=entry["sha256"], size=entry.get("size", size), **kwargs)
+        return {**digests, "size": size_of().st_size,
+                "verified": f"recorded on first use ({entry.get('recorded', 'date unknown')})"}
+    kwargs["allow_unverified"] = True
+    digests = download(url, out, size=size, **kwargs)
+    entry = ChecksumRecord(record).add(url, digests["sha256"], size_of().st_size)
+    return {**digests, "size": entry["size"], "verified": f"recorded on first use ({entry['recorded']}) in {record}: "
+                                                          "commit it"}

@@ -1,0 +1,256 @@
+"""FID: features from a TorchScript feature network on local disk, reference statistics, Fréchet distance.
+
+The feature network is a file (Inception's ``inception-2015-12-05.pt`` for the paper presets, the
+toy preset's digits classifier otherwise) verified by sha256 before it is loaded; nothing is
+downloaded here. Images are resized as clean-fid's ``clean`` mode does (PIL bicubic on float
+pixels) to the network's input size. Statistics follow clean-fid: mean and unbiased covariance
+in float64. The Fréchet distance is computed here from symmetric eigendecompositions, because
+clean-fid's uses ``scipy.linalg.sqrtm(disp=...)``, which SciPy 1.18 removes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ect.fileio import sha256_file, verify_sha256, write_bytes_atomic
+
+
+class FIDError(ValueError):
+    pass
+
+
+MODES = ("legacy_tensorflow", "clean")  # clean-fid's names; legacy_tensorflow is the paper's protocol
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+def load_feature_net(path, sha256: str | None = None, device="cpu"):
+    """Verify (when ``sha256`` is given), then load a TorchScript feature network. Returns (net, meta, sha256)."""
+    digest = verify_sha256(path, sha256) if sha256 else sha256_file(path)
+    extra = {"meta.json": ""}
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but Inception's feature file is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except RuntimeError as exc:
+        raise FIDError(f"cannot load feature network {path} (not TorchScript?): {exc}") from exc
+    meta = json.loads(extra["meta.json"]) if extra["meta.json"] else {}
+    return net.eval(), meta, digest
+
+
+class FeatureExtractor:
+    """uint8 NHWC images -> features, the way clean-fid computes them in one ``mode``.
+
+    ``inception``: clean-fid's ``InceptionV3W`` on our verified file; ``legacy_tensorflow`` feeds
+    native-size images and lets the TorchScript resize them (the StyleGAN2-ADA/EDM/ECT protocol),
+    ``clean`` resizes to 299 with PIL bicubic first. ``digits-classifier`` (toy): ``clean``
+    resizing to the network's own input size. Grayscale images go to an RGB network as three
+    equal channels.
+    """
+
+    def __init__(self, path, kind: str, mode: str, sha256: str | None = None, device="cpu"):
+        if mode not in MODES:
+            raise FIDError(f"FID mode must be one of {MODES}, not {mode!r}")
+        self.kind, self.mode, self.device = kind, mode, torch.device(device)
+        if kind == "inception":
+            from cleanfid.inception_torchscript import InceptionV3W
+            if Path(path).name != INCEPTION_FILE:
+                raise FIDError(f"clean-fid loads Inception from a file named {INCEPTION_FILE}, not {Path(path).name}")
+            self.sha256 = verify_sha256(path, sha256) if sha256 else sha256_file(path)
+            try:
+                with warnings.catch_warnings():  # clean-fid's wrapper loads the file just verified
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.net = InceptionV3W(str(Path(path).parent), download=False,
+                                            resize_inside=mode == "legacy_tensorflow").to(self.device).eval()
+            except RuntimeError as exc:
+                raise FIDError(f"cannot load feature network {path} (not TorchScript?): {exc}") from exc
+            self.input_size = None if mode == "legacy_tensorflow" else 299
+            self.channels = 3
+        elif kind == "digits-classifier":
+            if mode != "clean":
+                raise FIDError("the digits-classifier feature network supports only the 'clean' mode")
+            self.net, meta, self.sha256 = load_feature_net(path, sha256, self.device)
+            self.input_size, self.channels = meta["resolution"], meta.get("channels", 3)
+        else:
+            raise FIDError(f"unknown feature network kind {kind!r}")
+        self.resize = resizer(self.input_size) if self.input_size else None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if images.shape[-1] != self.channels:
+            if images.shape[-1] != 1:
+                raise FIDError(f"the feature network takes {self.channels}-channel images, not {images.shape[-1]}")
+            images = np.repeat(images, self.channels, axis=-1)  # grayscale as RGB (Inception)
+        if self.resize is not None and images.shape[1:3] != (self.input_size, self.input_size):
+            images = np.stack([self.resize(img) for img in images])
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2).to(self.device)
+        with torch.no_grad():
+            return self.net(x).double().cpu().numpy()
+
+
+def resizer(size: int):
+    """clean-fid's ``clean`` resizer (PIL bicubic, float32, no quantisation) to ``size``×``size``."""
+    from cleanfid.resize import make_resizer
+    return make_resizer("PIL", False, "bicubic", (size, size))
+
+
+def compute_features(images: np.ndarray, extractor: FeatureExtractor, batch: int = 256,
+                     progress: bool = False) -> np.ndarray:
+    """uint8 NHWC images -> (N, D) float64 features."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise FIDError(f"FID needs uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    if batch < 1:
+        raise FIDError(f"batch must be at least 1, not {batch}")
+    chunks = range(0, len(images), batch)
+    return np.concatenate([extractor(images[i:i + batch]) for i in tqdm(
+        chunks, desc=f"features ({extractor.mode})", unit="batch", disable=not progress)])
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(features) < 2:
+        raise FIDError(f"need at least 2 images for FID statistics, got {len(features)}")
+    features = features.astype(np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64, clamped at 0.
+
+    tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2): A S2 A is symmetric PSD, so its
+    square root's trace is the sum of the square roots of its eigenvalues.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise FIDError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    a = _sqrt_psd(s1)
+    eig = np.linalg.eigvalsh(a @ s2 @ a)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = mu1 - mu2
+    return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean), 0.0)
+
+
+def save_stats(path, stats: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
+    """Reference statistics per FID mode: ``{mode: (mu, sigma)}``."""
+    arrays = {f"{k}_{mode}": v for mode, (mu, sigma) in stats.items() for k, v in (("mu", mu), ("sigma", sigma))}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays, meta=np.array(json.dumps({**meta, "modes": list(stats)}, sort_keys=True)))
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_stats(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            return {m: (f[f"mu_{m}"], f[f"sigma_{m}"]) for m in meta["modes"]}, meta
+    except (OSError, KeyError, ValueError) as exc:
+        raise FIDError(f"cannot read FID statistics {path}: {exc}") from exc
+
+
+def fid_of_sets(features: np.ndarray, mu_ref, sigma_ref, sets: int) -> list[float]:
+    """Split the features (ordered by seed) into ``sets`` equal, consecutive sets; FID of each."""
+    if sets < 1 or len(features) < 2 * sets:
+        raise FIDError(f"cannot split {len(features)} samples into {sets} sets of at least 2")
+    size = len(features) // sets
+    return [frechet_distance(*statistics(features[i * size:(i + 1) * size]), mu_ref, sigma_ref) for i in range(sets)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline's scoring steps: reference statistics, FID of a sample file, FID of every snapshot.
+
+def extractors(kind: str, sha256: str | None, modes, path, device) -> dict[str, FeatureExtractor]:
+    """One feature extractor per FID mode (the first mode is the headline number)."""
+    return {mode: FeatureExtractor(path, kind, mode, sha256, device) for mode in modes}
+
+
+def reference_statistics(data_path, feature_net, kind: str, sha256: str | None, modes, batch: int, device,
+                         out, progress: bool = False) -> dict:
+    """Mean and covariance of the dataset's features in each mode, written to ``out``; returns its meta."""
+    from ect.data import load_dataset, load_dataset_digest
+
+    images, _ = load_dataset(data_path)
+    ex = extractors(kind, sha256, modes, feature_net, device)
+    stats = {mode: statistics(compute_features(images, e, batch, progress)) for mode, e in ex.items()}
+    meta = {"source": str(data_path), "images": len(images), "dataset_sha256": load_dataset_digest(data_path),
+            "feature_net_sha256": next(iter(ex.values())).sha256, "resolution": int(images.shape[1]),
+            "feature_dim": int(next(iter(stats.values()))[0].shape[0])}
+    save_stats(out, stats, meta)
+    return {**meta, "modes": list(stats)}
+
+
+def open_reference(config: dict, ref_path, feature_net, device, modes=None):
+    """The reference statistics and the matching extractors; refuse a pair that does not belong together."""
+    ref, ref_meta = load_stats(ref_path)
+    net = config["fid"]["feature_net"]
+    ex = extractors(net["kind"], net.get("sha256"), modes or config["fid"]["modes"], feature_net, device)
+    digest = next(iter(ex.values())).sha256
+    if ref_meta.get("feature_net_sha256") != digest:
+        raise FIDError(f"reference statistics {ref_path} were computed with another feature network "
+                       f"({ref_meta.get('feature_net_sha256')}) than {feature_net} ({digest})")
+    missing = [m for m in ex if m not in ref]
+    if missing:
+        raise FIDError(f"reference statistics {ref_path} have no {missing} statistics; rerun fid-stats")
+    return ref, ref_meta, ex, digest
+
+
+def score_samples(config: dict, samples_path, ref_path, feature_net, device, progress: bool = False) -> dict:
+    """FID of each seed-ordered set of a samples file in every mode (min, mean, each): the result JSON."""
+    from ect.fileio import sha256_file
+    from ect.sample import load_samples
+
+    sets, batch = config["sample"]["sets"], config["sample"]["batch"]
+    images, seeds, sample_meta = load_samples(samples_path)
+    ref, ref_meta, ex, digest = open_reference(config, ref_path, feature_net, device)
+    if ref_meta.get("resolution") not in (None, images.shape[1]):
+        raise FIDError(f"{samples_path} holds {images.shape[1]}x{images.shape[2]} images, but the reference "
+                       f"statistics {ref_path} are of {ref_meta['resolution']}x{ref_meta['resolution']} images")
+    if len(images) % sets:
+        raise FIDError(f"{len(images)} samples do not split into sample.sets = {sets} equal sets")
+    modes = {}
+    for mode, e in ex.items():
+        fids = fid_of_sets(compute_features(images, e, batch, progress), *ref[mode], sets)
+        modes[mode] = {"fid_min": min(fids), "fid_mean": sum(fids) / len(fids), "fid_sets": fids}
+    headline = config["fid"]["modes"][0]
+    return {**modes[headline], "mode": headline, "modes": modes, "sets": sets,
+            "samples_per_set": len(images) // sets, "seeds": [int(seeds[0]), int(seeds[-1])],
+            "samples_sha256": sha256_file(samples_path), "feature_net_sha256": digest, "reference": ref_meta,
+            **{k: sample_meta[k] for k in ("set", "sampler", "steps", "nfe", "t_mid", "checkpoint_sha256")
+               if k in sample_meta}}
+
+
+def fid_curve(config: dict, snapshot_dir, ref_path, feature_net, device, progress: bool = False) -> dict:
+    """FID (headline mode, fid.curve_steps steps, seeds 0..fid.curve_samples-1) of every snapshot in a
+    directory: FID against training budget."""
+    from tqdm import tqdm
+
+    from ect.checkpoint import load_network, read_checkpoint
+    from ect.sample import generate
+
+    mode = config["fid"]["modes"][0]
+    ref, _, ex, digest = open_reference(config, ref_path, feature_net, device, modes=[mode])
+    snapshots = sorted(Path(snapshot_dir).glob("*.pt"))
+    if not snapshots:
+        raise FIDError(f"no snapshots (*.pt) in {snapshot_dir}")
+    seeds = list(range(config["fid"]["curve_samples"]))
+    sample, points = config["sample"], []
+    for path in tqdm(snapshots, desc="snapshots", disable=not progress):
+        net = load_network(path, device=device)
+        point = {"snapshot": path.name, "kimg": read_checkpoint(path)["meta"].get("kimg")}
+        for steps in config["fid"]["curve_steps"]:
+            images = generate(net, seeds, steps=steps, t_mids=sample["t_mid"], batch=sample["batch"], device=device,
+                              progress=False)
+            point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, ex[mode], sample["batch"]),
+                                                    *ref[mode], 1)[0]
+        points.append(point)
+        if progress:
+            print(json.dumps(point), flush=True)
+    return {"samples": len(seeds), "mode": mode, "feature_net_sha256": digest, "points": points}

@@ -1,0 +1,152 @@
+"""Atomic file writes and hashing: a killed job leaves the old file or the new one, never half.
+
+Outputs get the permissions the umask allows (a temporary file would be 0600: collaborators on a
+shared cluster filesystem could not read the results), and temporaries that a killed process left
+behind are removed by the next write of the same file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
+
+
+class OutputError(OSError):
+    """An output could not be written (full disk, a path under a regular file, no permission...)."""
+
+
+def _output_error(path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    return OutputError(exc.errno, f"cannot write {path}: {reason}")
+
+
+def make_parent(path: Path) -> None:
+    """Create ``path``'s directory, with an error that names the path when a parent is a regular file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path.parent)
+        raise OutputError(20, f"cannot write {path}: {blocker} is a file, not a directory") from None
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>-…`` beside ``path`` whose process is gone (killed mid-write)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name[len(path.name) + 6:].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
+    path = Path(path)
+    make_parent(path)
+    remove_stale_temporaries(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~UMASK)
+        os.close(fd)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    try:
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise _output_error(path, exc) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path, obj) -> None:
+    """JSON with a newline; a NaN or infinity anywhere is an error (it would be invalid JSON), not an output."""
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"refusing to write {path}: it would hold a non-finite number (NaN or infinity)") from None
+    write_text_atomic(path, text + "\n")
+
+
+def sha256_file(path, chunk_size: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ChecksumError(ValueError):
+    pass
+
+
+HEX_DIGITS = {"md5": 32, "sha256": 64}
+
+
+def check_checksum_format(kind: str, value: str) -> str:
+    """A checksum as lowercase hex digits of its length (upper case accepted and lowered); else an error."""
+    digits = HEX_DIGITS[kind]
+    if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{digits}}}", value.lower()):
+        raise ChecksumError(f"a {kind} must be {digits} hexadecimal digits, not {str(value)[:80]!r}")
+    return value.lower()
+
+
+def verify_sha256(path, expected: str) -> str:
+    """Raise :class:`ChecksumError` unless the file's sha256 equals ``expected``; return it."""
+    expected = check_checksum_format("sha256", expected)
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumError(f"sha256 mismatch for {path}: expected {expected}, got {actual}")
+    return actual

@@ -1,0 +1,245 @@
+"""Samplers: few-step consistency sampling (ECT) and EDM's deterministic Heun sampler (teacher).
+
+Each image's randomness comes from its own generator seeded by its index ("seed"), so any subset
+of seeds is reproducible on its own, and sampling can be split across jobs and merged.
+Arithmetic in float64 as the reference does (docs/method.md, "Sampling").
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ect.fileio import write_bytes_atomic
+from ect.layout import SAMPLE_SETS
+
+T_MAX = 80.0
+
+
+MAX_SEEDS = 10_000_000  # one call's seeds: 30 GB of 32x32 RGB images; split larger jobs and merge them
+
+
+def parse_seeds(spec: str, limit: int = MAX_SEEDS) -> list[int]:
+    """'0-9999' or '0-99,200,300-309' -> sorted unique list of seeds (at most ``limit``)."""
+    ranges = []
+    try:
+        for part in str(spec).split(","):
+            lo, _, hi = part.strip().partition("-")
+            lo_i = int(lo)
+            hi_i = int(hi) if hi else lo_i
+            if hi_i < lo_i or lo_i < 0:
+                raise ValueError
+            ranges.append((lo_i, hi_i))
+    except ValueError:
+        raise ValueError(f"bad seed list {str(spec)[:80]!r}: use e.g. '0-9999' or '0-99,200-299'") from None
+    if sum(hi - lo + 1 for lo, hi in ranges) > limit:  # counted before anything is allocated
+        raise ValueError(f"seed list {str(spec)[:80]!r} has more than {limit:,} seeds: split it into several jobs "
+                         "and join their files with 'ect merge-samples'")
+    return sorted(set().union(*(range(lo, hi + 1) for lo, hi in ranges)))
+
+
+class SeededNoise:
+    """Per-sample Gaussian streams: draw k returns, for every seed, the next N(0, I) tensor."""
+
+    def __init__(self, seeds, shape, device):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape, self.device = shape, device
+
+    def next(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g, dtype=torch.float64) for g in self.gens]).to(self.device)
+
+
+def _denoise(net, x, sigma) -> torch.Tensor:
+    return net(x, torch.full([x.shape[0]], float(sigma), device=x.device)).to(torch.float64)
+
+
+@torch.no_grad()
+def consistency_sampler(net, noise: SeededNoise, t_mids=(0.821,), steps: int = 1) -> torch.Tensor:
+    """1 step: x = D(80·z, 80). n steps: then x = D(x + t·ε, t) for t in t_mids[:n−1]; noise std exactly t."""
+    if steps < 1 or steps - 1 > len(t_mids):
+        raise ValueError(f"{steps} steps need {steps - 1} intermediate times, got {list(t_mids)}")
+    x = _denoise(net, noise.next() * T_MAX, T_MAX)
+    for t in t_mids[: steps - 1]:
+        x = _denoise(net, x + t * noise.next(), t)
+    return x
+
+
+def heun_sigmas(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def heun_sampler(net, noise: SeededNoise, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:
+    """EDM's deterministic 2nd-order sampler (no churn): 2·num_steps − 1 network evaluations."""
+    t = heun_sigmas(num_steps, sigma_min, sigma_max, rho)
+    x = noise.next() * t[0]
+    for i in range(num_steps):
+        d = (x - _denoise(net, x, t[i])) / t[i]
+        x_next = x + (t[i + 1] - t[i]) * d
+        if i < num_steps - 1:
+            d_next = (x_next - _denoise(net, x_next, t[i + 1])) / t[i + 1]
+            x_next = x + (t[i + 1] - t[i]) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC: clamp(x·127.5 + 128, 0, 255) truncated, as the reference."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class SamplingError(ValueError):
+    pass
+
+
+def check_sampler_settings(sampler: str, steps: int, t_mids, heun_steps: int, batch: int) -> None:
+    """Refuse settings that would produce garbage (black images, NaN) rather than an error."""
+    if sampler not in ("consistency", "heun"):
+        raise SamplingError(f"sampler must be 'consistency' or 'heun', not {sampler!r}")
+    if batch < 1:
+        raise SamplingError(f"batch must be at least 1, not {batch}")
+    if sampler == "heun" and heun_steps < 2:
+        raise SamplingError(f"heun_steps must be at least 2 (EDM's schedule needs two noise levels), not {heun_steps}")
+    if sampler == "consistency":
+        if steps < 1 or steps - 1 > len(t_mids):
+            raise SamplingError(f"{steps} consistency steps need {max(steps - 1, 0)} intermediate times (t_mid), "
+                                f"got {list(t_mids)}")
+        for t in t_mids[: steps - 1]:
+            if not 0 < t < T_MAX:  # also false for NaN
+                raise SamplingError(f"t_mid must lie in (0, {T_MAX:g}), not {t}")
+
+
+def generate(net, seeds, sampler: str = "consistency", steps: int = 1, t_mids=(0.821,), heun_steps: int = 18,
+             batch: int = 256, device="cpu", progress: bool = True) -> np.ndarray:
+    if getattr(net, "label_dim", 0):
+        raise ValueError("class-conditional sampling is not implemented yet (label_dim > 0)")
+    check_sampler_settings(sampler, steps, t_mids, heun_steps, batch)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    out = []
+    for lo in tqdm(range(0, len(seeds), batch), desc=f"sample {sampler}", unit="batch", disable=not progress):
+        noise = SeededNoise(seeds[lo: lo + batch], shape, device)
+        if sampler == "consistency":
+            x = consistency_sampler(net, noise, t_mids, steps)
+        elif sampler == "heun":
+            x = heun_sampler(net, noise, heun_steps)
+        else:
+            raise ValueError(f"sampler must be 'consistency' or 'heun', not {sampler!r}")
+        if not torch.isfinite(x).all():
+            raise SamplingError(f"the network produced non-finite values (NaN or inf) for seeds {seeds[lo]}.."
+                                f"{seeds[min(lo + batch, len(seeds)) - 1]}: are its weights finite? Nothing was written")
+        out.append(to_uint8(x))
+    return np.concatenate(out) if out else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
+
+
+def set_settings(config: dict, name: str) -> dict:
+    """The sampler settings of one of the pipeline's sample sets (ect/layout.py), from the config's
+    'sample' section: every set draws seeds 0 .. sets * samples_per_set - 1."""
+    if name not in SAMPLE_SETS:
+        raise SamplingError(f"unknown sample set {name!r}; the pipeline's sets are {', '.join(SAMPLE_SETS)}")
+    cfg, sample_set = config["sample"], SAMPLE_SETS[name]
+    return {"seeds": f"0-{cfg['sets'] * cfg['samples_per_set'] - 1}", "sampler": sample_set.sampler,
+            "steps": max(sample_set.steps, 1), "t_mid": cfg["t_mid"], "heun_steps": cfg["heun_steps"],
+            "batch": cfg["batch"]}
+
+
+def nfe(sampler: str, steps: int, heun_steps: int = 18) -> int:
+    return steps if sampler == "consistency" else 2 * heun_steps - 1
+
+
+def save_samples(path, images: np.ndarray, seeds, meta: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, images=images, seeds=np.asarray(seeds, dtype=np.int64), meta=np.array(json.dumps(meta, sort_keys=True)))
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_samples(path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(images uint8 NHWC, seeds, meta) of a samples file, checked: one image per seed, no seed twice."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("images", "seeds", "meta") if k not in f.files]
+            if missing:
+                raise SamplingError(f"{path} is not a samples file written by 'ect sample': it has no {missing}")
+            images, seeds, meta = f["images"], f["seeds"], json.loads(str(f["meta"]))
+    except SamplingError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SamplingError(f"cannot read samples {path}: {exc}") from exc
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise SamplingError(f"{path}: images must be uint8 (N, H, W, 1 or 3), not {images.dtype} {images.shape}")
+    if seeds.ndim != 1 or len(seeds) != len(images) or not np.issubdtype(seeds.dtype, np.integer):
+        raise SamplingError(f"{path}: {len(images)} images but seeds of shape {seeds.shape} ({seeds.dtype})")
+    if len(np.unique(seeds)) != len(seeds):
+        raise SamplingError(f"{path}: some seeds appear twice")
+    if not isinstance(meta, dict):
+        raise SamplingError(f"{path}: meta is not a JSON object")
+    return images, seeds, meta
+
+
+def merge_samples(paths) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Concatenate sample files from split jobs, ordered by seed; seeds must not overlap."""
+    parts = [load_samples(p) for p in paths]
+    if not parts:
+        raise ValueError("nothing to merge")
+    metas = {json.dumps(m, sort_keys=True) for _, _, m in parts}
+    if len(metas) > 1:
+        raise ValueError("sample files come from different models or samplers; refusing to merge")
+    images = np.concatenate([p[0] for p in parts])
+    seeds = np.concatenate([p[1] for p in parts])
+    if len(np.unique(seeds)) != len(seeds):
+        raise ValueError("sample files overlap: some seeds appear twice")
+    order = np.argsort(seeds, kind="stable")
+    return images[order], seeds[order], parts[0][2]
+
+
+def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64, gap: int = 1) -> None:
+    """The first rows·columns images as one PNG grid, ``gap`` gray pixels between them (dark-background
+    digits would run into each other); images under ``min_size`` pixels are enlarged by pixel
+    replication (16×16 digits would be unreadable otherwise)."""
+    n = min(len(images), columns * columns)
+    if n == 0:
+        raise ValueError("no images for a grid")
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    h, w, c = images.shape[1:]
+    step_h, step_w = h + gap, w + gap
+    grid = np.full((rows * step_h - gap, cols * step_w - gap, c), 96, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[r * step_h:r * step_h + h, q * step_w:q * step_w + w] = images[i]
+    scale = max(1, -(-min_size // h))
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def sample_to_files(checkpoint, out, settings: dict, grid=None, set_name: str | None = None, device="cpu",
+                    progress: bool = True) -> dict:
+    """Draw ``settings["seeds"]`` from a checkpoint and write the samples file (and a PNG grid); returns
+    the samples' meta. Settings: seeds, sampler, steps, t_mid, heun_steps, batch."""
+    from ect.checkpoint import load_network
+    from ect.fileio import sha256_file
+
+    seeds = parse_seeds(settings["seeds"])
+    sampler, steps, heun_steps = settings["sampler"], settings["steps"], settings["heun_steps"]
+    check_sampler_settings(sampler, steps, settings["t_mid"], heun_steps, settings["batch"])
+    net = load_network(checkpoint, device=device)
+    images = generate(net, seeds, sampler=sampler, steps=steps, t_mids=settings["t_mid"], heun_steps=heun_steps,
+                      batch=settings["batch"], device=device, progress=progress)
+    meta = {"checkpoint_sha256": sha256_file(checkpoint), "sampler": sampler,
+            "steps": steps if sampler == "consistency" else heun_steps, "nfe": nfe(sampler, steps, heun_steps),
+            "t_mid": list(settings["t_mid"][: steps - 1]) if sampler == "consistency" else []}
+    if set_name:
+        meta["set"] = set_name
+    save_samples(out, images, seeds, meta)
+    if grid:
+        save_grid(grid, images)
+    return meta

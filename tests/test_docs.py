@@ -1,0 +1,32 @@
+"""The docs stay true: the command reference is the commands' own help, links resolve, the README is short,
+and nothing cites a path outside the repository."""
+import re
+import subprocess
+
+from ect.cli import help_markdown
+from tests.helpers import ROOT
+
+OUTSIDE = ("shared" + "/reference", "../" + "shared")  # the team's notes live outside the repository
+DOCS = [ROOT / "README.md", ROOT / "config" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_command_reference_is_generated_from_the_commands_help():
+    assert (ROOT / "docs" / "cli.md").read_text() == help_markdown(), "run `make docs`"
+
+
+def test_the_readme_is_short_and_every_local_link_resolves():
+    assert len((ROOT / "README.md").read_text()) <= 8000
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+
+
+def test_no_tracked_file_cites_a_path_outside_the_repository():
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        path = ROOT / name
+        if path.suffix in (".py", ".md", ".yaml", ".smk", ".j2", ".sh", "") and path.is_file():
+            text = path.read_text(errors="replace")
+            assert not any(outside in text for outside in OUTSIDE), name
