@@ -294,8 +294,8 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
             "teacher": {"url": f"{server.url}/edm-cifar10-32x32-uncond-vp.pkl", "sha256": hashlib.sha256(teacher).hexdigest()},
             "tune": {"kimg": 0.064, "batch": 8, "tick_kimg": 0.016, "snapshot_kimg": 0.032, "state_kimg": 0.016},
             "sample": {"samples_per_set": 8, "heun_steps": 2, "batch": 8},
-            "fid": {"feature_net": {"url": f"{server.url}/inception-2015-12-05.pt",
-                                    "sha256": hashlib.sha256(inception).hexdigest()}, "curve_samples": 8},
+            # no sha256 for Inception, as in the presets: trusted on first use, recorded in downloads.lock
+            "fid": {"feature_net": {"url": f"{server.url}/inception-2015-12-05.pt"}, "curve_samples": 8},
             "resources": {"default": {"threads": 2}, "tune": {"threads": 2}},
         }
         stages_per_preset = {"cifar10": {"tune": {"loss": {"double": 2}}}, "cifar10-1hour": {}}  # 1 hour: never advances
@@ -308,6 +308,10 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     for name, blob in [("downloads/cifar-10-python.tar.gz", tarball), ("teachers/edm-cifar10-32x32-uncond-vp.pkl", teacher),
                        ("fid/inception-2015-12-05.pt", inception)]:
         assert (repo / "resources" / name).read_bytes() == blob
+    recorded = yaml.safe_load((repo / "downloads.lock").read_text())
+    assert recorded == {f"{server.url}/inception-2015-12-05.pt": {
+        "sha256": hashlib.sha256(inception).hexdigest(), "size": len(inception), "recorded": recorded[
+            f"{server.url}/inception-2015-12-05.pt"]["recorded"]}}
     run(["snakemake", "--configfile", "config/cifar10.yaml"], repo, timeout=900)  # the server is gone: no network
     res = repo / "results" / "cifar10"
     r = json.loads((res / "fid" / "ect-2step.json").read_text())
@@ -318,6 +322,7 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     page = (repo / "reports" / "cifar10" / "index.html").read_text()
     assert "3.86" in page and "2.15" in page and "not comparable" not in page  # the paper's numbers, side by side
     assert "legacy_tensorflow" in page and hashlib.sha256(teacher).hexdigest() in page
+    assert "pinned in the preset" in page and "recorded on first use" in page  # how each download was checked
     assert "Nothing to be done" in run(["snakemake", "--configfile", "config/cifar10.yaml", "-n"], repo).stdout
 
     # the other preset reuses the downloads, the dataset and the reference statistics as they are
