@@ -1,9 +1,18 @@
-"""CPU/GPU time of one ECT training step (target pass + forward/backward + optimiser + EMA).
+"""Time of one ECT training iteration: ours beside locuslab/ect's, in one process, as a ratio.
 
-    python benchmarks/step_time.py [--batch-toy 32] [--batch-cifar 16] [--steps 3] [--device cpu]
+    python benchmarks/step_time.py [--reference DIR] [--batch-toy 32] [--batch-cifar 8] [--steps 5] [--device cpu]
 
-Measures the toy preset's network (from config/config.yaml) and the full CIFAR-10 DDPM++ network
-(55.7M parameters) in one process, so their numbers are comparable. Prints one JSON line each.
+For the toy preset's network (config/config.yaml) and the CIFAR-10 DDPM++ network (55.7M parameters),
+at the given batch: our iteration (`ect.train.TrainStep`: the batch drawn from the dataset, the
+student's forward and backward, the target's forward, RAdam, the EMA) and, with `--reference` pointing
+at a checkout of locuslab/ect (never committed here), the reference's (`training.loss.ECMLoss` on the
+same network with the same weights, then its loop's gradient clean-up, RAdam and EMA). The two alternate
+step by step, so the machine's state is shared; the median of each is reported with img/s, achieved
+TFLOP/s (FLOPs counted by `ect.cost`) and the utilisation of the device's peak (none for a CPU).
+Without `--reference` the reference column is skipped, with a message.
+
+On a CPU the reference's shared-dropout trick (save and restore the CUDA generator) uses the CPU
+generator instead, as ours does; nothing else of it is changed.
 """
 from __future__ import annotations
 
@@ -12,65 +21,140 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from ect.loss import ECTLossConfig, ect_loss
+from ect.cost import device_info, iteration_flops, peak_tflops
 from ect.networks import build_network, count_parameters
-from ect.train import ema_update
+from ect.train import Dist, TrainConfig, TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = dict(kind="ect", img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
                attn_resolutions=[16], dropout=0.2)
+STAGE = 3  # every sample has r > 0 from stage 2 on: each iteration runs the target pass
 
 
 def toy_arch() -> dict:
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    return {"kind": "ect", "img_resolution": 16, "img_channels": 3, **cfg["pretrain"]["arch"], **cfg["tune"]["arch"]}
+    return {"kind": "ect", "img_resolution": cfg["dataset"]["resolution"], "img_channels": 1,
+            **cfg["pretrain"]["arch"], **cfg["tune"]["arch"]}
 
 
-def step_times(arch: dict, batch: int, steps: int, device: torch.device) -> dict:
+def ours(arch: dict, batch: int, device: torch.device):
+    """Our iteration, as the trainer runs it; returns a function doing one."""
     torch.manual_seed(0)
     net = build_network(arch).train().to(device)
     ema = build_network(arch).eval().requires_grad_(False).to(device)
-    opt = torch.optim.RAdam(net.parameters(), lr=1e-4)
-    res = arch["img_resolution"]
-    cfg = ECTLossConfig()
-    times = []
-    for i in range(steps + 1):  # the first step warms up and is not counted
-        y = torch.rand(batch, 3, res, res, device=device) * 2 - 1
-        tn, eps = torch.randn(batch, 1, 1, 1, device=device), torch.randn_like(y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, _ = ect_loss(net, net, y, tn, eps, stage=3, cfg=cfg)  # stage 3: every sample runs the target pass
-        loss.mean().backward()
-        opt.step()
-        ema_update(ema, net, 0.9999)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    step = statistics.median(times)
-    return {"params": count_parameters(net), "batch": batch, "step_s": round(step, 4), "img_per_s": round(batch / step, 1)}
+    cfg = TrainConfig.from_dict({"batch": batch, "loss": {"double": 1}})  # iteration i is stage i
+    images = torch.randint(0, 256, (4 * batch, arch["img_channels"], arch["img_resolution"], arch["img_resolution"]),
+                           dtype=torch.uint8)
+    optimizer = torch.optim.RAdam(net.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    step = TrainStep(cfg, cfg.loss_config(), Dist(device=device), net, net, ema, optimizer, images, batch, batch,
+                     torch.contiguous_format, torch.autocast(device.type, enabled=False))
+    return net, lambda: step(STAGE)
+
+
+def reference(arch: dict, batch: int, device: torch.device, checkout: Path, weights: dict):
+    """locuslab/ect's iteration (its loss and loop) on the same network and weights."""
+    sys.path.insert(0, str(checkout))  # the reference's packages: training, torch_utils, dnnlib
+    from training.loss import ECMLoss  # noqa: E402 (a checkout given at run time)
+    from training.networks import ECMPrecond  # noqa: E402
+
+    if device.type != "cuda":  # its shared dropout masks rewind the CUDA generator; on a CPU, the CPU's
+        torch.cuda.get_rng_state, torch.cuda.set_rng_state = torch.get_rng_state, torch.set_rng_state
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()
+              if k not in ("kind", "img_resolution", "img_channels", "sigma_min", "sigma_data", "label_dim")}
+    net = ECMPrecond(img_resolution=arch["img_resolution"], img_channels=arch["img_channels"], label_dim=0,
+                     model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], **kwargs)
+    net.load_state_dict(weights)
+    net.train().requires_grad_(True).to(device)
+    ema = ECMPrecond(img_resolution=arch["img_resolution"], img_channels=arch["img_channels"], label_dim=0,
+                     model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], **kwargs)
+    ema.load_state_dict(weights)
+    ema.eval().requires_grad_(False).to(device)
+    loss_fn = ECMLoss()
+    loss_fn.update_schedule(STAGE)
+    optimizer = torch.optim.RAdam(net.parameters(), lr=1e-4)
+    images = torch.rand(batch, arch["img_channels"], arch["img_resolution"], arch["img_resolution"]) * 2 - 1
+
+    def step():
+        # the reference loop's iteration: loss, backward, nan_to_num of the gradients, step, EMA
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net=net, images=images.to(device))
+        loss.sum().mul(1 / batch).backward()
+        for p in net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        optimizer.step()
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters(), strict=True):
+                p_ema.copy_(p_net.detach().lerp(p_ema, 0.9999))
+    return step
+
+
+def timed(step, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(name: str, arch: dict, batch: int, steps: int, device: torch.device, checkout: Path | None) -> dict:
+    net, our_step = ours(arch, batch, device)
+    steps_of = {"ours": our_step}
+    if checkout is not None:
+        steps_of["reference"] = reference(arch, batch, device, checkout, net.state_dict())
+    times = {k: [] for k in steps_of}
+    for i in range(steps + 1):  # the first round warms up and is not counted
+        for key, step in steps_of.items():  # alternating: both see the same machine state
+            seconds = timed(step, device)
+            if i:
+                times[key].append(seconds)
+    flops = iteration_flops(arch, "ect", batch, batch, (arch["img_channels"], arch["img_resolution"],
+                                                         arch["img_resolution"]))
+    device_row = device_info(device, 1)
+    peak, no_peak = peak_tflops(device_row, "fp32")
+    row = {"network": name, "params": count_parameters(net), "batch": batch, "flops_per_iteration": flops,
+           "device": device_row["name"], "cpus": os.cpu_count(), "torch": torch.__version__,
+           "python": platform.python_version()}
+    for key, values in times.items():
+        seconds = statistics.median(values)
+        tflops = flops / seconds / 1e12
+        row[key] = {"step_s": round(seconds, 4), "img_per_s": round(batch / seconds, 2), "tflops": round(tflops, 4),
+                    "utilization": round(tflops / peak, 4) if peak else None}
+    if "reference" in row:
+        row["ours_over_reference_step_time"] = round(row["ours"]["step_s"] / row["reference"]["step_s"], 3)
+    if no_peak:
+        row["utilization_note"] = no_peak
+    return row
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reference", type=Path, help="a checkout of locuslab/ect (main branch), never committed here")
     p.add_argument("--batch-toy", type=int, default=32)  # the toy preset's batch
-    p.add_argument("--batch-cifar", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-cifar", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--only", choices=["toy", "cifar10"], help="one network only")
     a = p.parse_args()
+    if a.reference is None:
+        print("no --reference checkout of locuslab/ect given: its column is skipped", file=sys.stderr)
+    elif not (a.reference / "training" / "loss.py").exists():
+        sys.exit(f"error: {a.reference} is not a checkout of locuslab/ect (no training/loss.py)")
     device = torch.device(a.device)
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__}
     for name, arch, batch in (("toy", toy_arch(), a.batch_toy), ("cifar10", CIFAR10, a.batch_cifar)):
-        print(json.dumps({"network": name, **step_times(arch, batch, a.steps, device), **machine}), flush=True)
+        if a.only in (None, name):
+            print(json.dumps(measure(name, arch, batch, a.steps, device, a.reference)), flush=True)
 
 
 if __name__ == "__main__":

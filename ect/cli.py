@@ -62,6 +62,7 @@ def feature_args(p, scoring=True) -> None:
 def train_args(p, with_teacher: bool) -> None:
     config_arg(p)
     p.add_argument("--section", help="config section to read (default: 'tune' or 'pretrain')")
+    p.add_argument("--size", help="a scaling study's model size: its scaling.sizes overrides apply to the arch")
     p.add_argument("--data", required=True, help="dataset .npz written by 'ect' (uint8 images + labels)")
     if with_teacher:
         p.add_argument("--teacher", required=True, help="initial checkpoint (teacher.pt from convert-edm or pretrain)")
@@ -83,9 +84,12 @@ def set_threads(threads: int) -> None:
 
 
 def setup_device(args):
+    """The device of a sampling or scoring step, with the reference's numerics: TF32 off (locuslab/ect turns
+    it off for sampling and FID; cuDNN would otherwise use it for convolutions)."""
     import torch
 
     set_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(args.device)
@@ -131,7 +135,8 @@ def run_train(args) -> int:
     from ect.config import load_config
     from ect.train import TrainConfig, run_cli
 
-    cfg = TrainConfig.from_config(load_config(*args.config), args.section or args.command, args.objective)
+    cfg = TrainConfig.from_config(load_config(*args.config), args.section or args.command, args.objective,
+                                  size=args.size)
     set_threads(args.threads)
     return run_cli(cfg, data_path=args.data, state_dir=args.state_dir, out_path=args.out,
                    init_path=getattr(args, "teacher", None), snapshot_dir=getattr(args, "snapshots", None),
@@ -214,12 +219,14 @@ def run_fid(args) -> int:
 
 def run_fid_curve(args) -> int:
     from ect.config import load_config
-    from ect.fid import fid_curve
-    from ect.fileio import write_json_atomic
+    from ect.fid import curve_table, fid_curve
+    from ect.fileio import write_json_atomic, write_text_atomic
 
     curve = fid_curve(load_config(*args.config), args.snapshots, args.ref, args.feature_net, setup_device(args),
                       progress=not args.no_progress)
     write_json_atomic(args.out, curve)
+    if args.table:
+        write_text_atomic(args.table, curve_table(curve))
     say(f"wrote the FID of {len(curve['points'])} snapshots to {args.out}")
     return 0
 
@@ -229,6 +236,49 @@ def run_report(args) -> int:
     from ect.report import build_report
 
     say(f"wrote {build_report(load_config(*args.config), list(args.config), args.out)}")
+    return 0
+
+
+def run_scaling_point(args) -> int:
+    from ect.config import load_config
+    from ect.fid import scaling_point
+    from ect.fileio import write_json_atomic
+
+    point = scaling_point(load_config(*args.config), args.snapshots, args.kimg, args.size, args.ref, args.feature_net,
+                          setup_device(args))
+    write_json_atomic(args.out, point)
+    say(f"size {args.size} at {args.kimg:g} kimg: " + ", ".join(
+        f"{k[4:]} FID {sum(v) / len(v):.3f}" for k, v in point.items() if k.startswith("fid_")) + f" -> {args.out}")
+    return 0
+
+
+def run_scaling_points(args) -> int:
+    import json
+
+    from ect.fid import scaling_table
+    from ect.fileio import write_text_atomic
+
+    points = []
+    for path in args.points:
+        try:
+            points.append(json.loads(open(path).read()))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read scaling point {path}: {exc}") from exc
+    write_text_atomic(args.out, scaling_table(points))
+    say(f"wrote {len(points)} points to {args.out}")
+    return 0
+
+
+def run_scaling_fit(args) -> int:
+    from ect.fileio import write_json_atomic
+    from ect.scaling import fit_file
+
+    result = fit_file(args.points, steps=args.steps, size=args.size, use_frontier=args.frontier)
+    write_json_atomic(args.out, result)
+    lo, hi = result["exponent_ci95"]
+    say(f"fid = {result['coefficient']:.4g} * compute^-{result['exponent']:.4f} (95% interval {lo:.4f}..{hi:.4f}, "
+        f"r2 {result['r2']:.3f}, {result['n_points']} points; held-out error {result['holdout']['rel_error']:+.1%})"
+        f" -> {args.out}")
     return 0
 
 
@@ -337,6 +387,8 @@ def _fid_curve_args(p):
     config_arg(p)
     p.add_argument("--snapshots", required=True, help="directory of snapshot checkpoints (*.pt)")
     feature_args(p)
+    p.add_argument("--table", help="also the curve as CSV (a row per snapshot: kimg, elapsed_s, device_hours, "
+                                   "flops, FIDs), for DVC plots")
     device_args(p)
 
 
@@ -345,6 +397,29 @@ def _report_args(p):
     p.add_argument("--out", required=True,
                    help="the report's directory, e.g. reports/<run> (its page is index.html); replaced as a whole, "
                         "and only if it is a report directory")
+
+
+def _scaling_point_args(p):
+    config_arg(p)
+    p.add_argument("--snapshots", required=True, help="the size's tuning snapshots (a directory of *.pt)")
+    p.add_argument("--size", required=True, help="the size's name (scaling.sizes)")
+    p.add_argument("--kimg", required=True, type=float, help="the budget point: the snapshot at this many kimg")
+    feature_args(p)
+    device_args(p)
+
+
+def _scaling_points_args(p):
+    p.add_argument("out", help="the points as CSV (compute, fid, size, steps, set, kimg)")
+    p.add_argument("points", nargs="+", help="point JSONs from 'ect scaling-point'")
+
+
+def _scaling_fit_args(p):
+    p.add_argument("points", help="CSV with columns compute, fid (optional: size, steps, set; a row per FID set)")
+    p.add_argument("--out", required=True, help="the fit, as JSON")
+    p.add_argument("--steps", help="only the rows of this step count")
+    p.add_argument("--size", help="only the rows of this model size")
+    p.add_argument("--frontier", action="store_true",
+                   help="fit the compute frontier: the points no cheaper point (of any size) beats")
 
 
 RESUME_HELP = (" Resumable: rerun the same command to continue. Exit 75 when stopped by SIGTERM/SIGUSR1 after "
@@ -399,6 +474,18 @@ STEPS = [
          "Sample every snapshot in a directory with the consistency sampler (fid.curve_steps steps, seeds "
          "0..fid.curve_samples-1) and score it against the reference; one JSON with a point per snapshot.",
          _fid_curve_args, run_fid_curve),
+    Step("scaling-point", "one point of a scaling study: FID sets of a size's snapshot at a budget",
+         "Score the snapshot of a size's tuning run at --kimg: scaling.sets sets of scaling.samples samples at each "
+         "of fid.curve_steps consistency steps, against the reference; with the snapshot's cost (tuning FLOPs, "
+         "device-hours) from its meta.", _scaling_point_args, run_scaling_point),
+    Step("scaling-points", "gather scaling points into the CSV that scaling-fit reads",
+         "One row per FID set: compute (the snapshot's tuning FLOPs, the teacher's pretraining not counted), fid, "
+         "size, steps, set, kimg.", _scaling_points_args, run_scaling_points),
+    Step("scaling-fit", "fit fid = coefficient * compute^-exponent to points (least squares in log-log)",
+         "Fit a power law of FID against compute by least squares in log-log space, with a 95%% bootstrap interval "
+         "of the exponent (over points and FID sets), r2 in log space, and a held-out check (fit without the "
+         "largest-compute point, predict it). Non-positive or non-finite values, fewer than 3 points or a missing "
+         "column are errors.", _scaling_fit_args, run_scaling_fit),
     Step("report", "the run's HTML report (FID table, grids, curves, protocol, provenance)",
          "Render the report of one run with Jinja2 from the run's files (their paths come from the config's run "
          "layout). The page and its images go to --out, a directory that is replaced as a whole, and only if it is "

@@ -110,6 +110,7 @@ def semantic_problems(cfg: dict):
         elif train.get("batch_gpu") and (train["batch"] // gpus) % train["batch_gpu"]:
             yield (f"{section}.batch_gpu {train['batch_gpu']} does not divide the per-GPU batch "
                    f"{train['batch'] // gpus} ({section}.batch {train['batch']} over {gpus} GPUs)")
+    yield from _scaling_problems(cfg)
     t_mid, curve_steps = cfg["sample"]["t_mid"], cfg["fid"]["curve_steps"]
     if max(curve_steps) - 1 > len(t_mid):
         yield f"fid.curve_steps asks for {max(curve_steps)} steps but sample.t_mid has {len(t_mid)} intermediate times"
@@ -129,3 +130,21 @@ def section(cfg: dict, name: str, path="config") -> dict:
     if not isinstance(cfg.get(name), dict):
         raise ConfigError(f"{path} has no '{name}' section")
     return cfg[name]
+
+
+def _scaling_problems(cfg: dict):
+    """A scaling study's budgets must be snapshots of its tuning runs, and enough of them to fit."""
+    scaling = cfg.get("scaling")
+    if not scaling:
+        return
+    tune, budgets = cfg["tune"], scaling["budgets_kimg"]
+    if len(budgets) < 3:
+        yield f"scaling.budgets_kimg has {len(budgets)} points; a power law per size needs at least 3"
+    every = round(tune.get("snapshot_kimg", 0) * 1000 / tune["batch"])
+    for kimg in budgets:
+        iterations = kimg * 1000 / tune["batch"]
+        if kimg > tune["kimg"] or not every or abs(iterations - round(iterations)) > 1e-9 or round(iterations) % every:
+            yield (f"scaling.budgets_kimg: {kimg} is not a snapshot of the tuning run (tune.kimg {tune['kimg']}, "
+                   f"a snapshot every tune.snapshot_kimg = {tune.get('snapshot_kimg', 0)} kimg)")
+    if cfg["teacher"]["source"] != "pretrain" and any(scaling["sizes"].values()):
+        yield "scaling.sizes: a downloaded teacher has one architecture; its sizes take no arch overrides ({})"

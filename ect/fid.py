@@ -227,30 +227,77 @@ def score_samples(config: dict, samples_path, ref_path, feature_net, device, pro
                if k in sample_meta}}
 
 
+COST_KEYS = ("kimg", "elapsed_s", "device_hours", "flops")  # of a snapshot, from its meta (ect/train.py)
+CURVE_COLUMNS = ("snapshot", *COST_KEYS)
+
+
+def score_snapshot(path, config: dict, reference, extractor, sets: int, samples: int, device) -> dict:
+    """A snapshot's cost (from its meta) and its FID sets at each of fid.curve_steps consistency steps,
+    drawing seeds 0 .. sets * samples - 1 (``reference``: the headline mode's mean and covariance)."""
+    from ect.checkpoint import load_network, read_checkpoint
+    from ect.sample import generate
+
+    net = load_network(path, device=device)
+    meta = read_checkpoint(path)["meta"]
+    point = {"snapshot": Path(path).name, **{k: meta.get(k) for k in COST_KEYS}}
+    seeds, batch = list(range(sets * samples)), config["sample"]["batch"]
+    for steps in config["fid"]["curve_steps"]:
+        images = generate(net, seeds, steps=steps, t_mids=config["sample"]["t_mid"], batch=batch, device=device,
+                          progress=False)
+        point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, extractor, batch), *reference, sets)
+    return point
+
+
 def fid_curve(config: dict, snapshot_dir, ref_path, feature_net, device, progress: bool = False) -> dict:
     """FID (headline mode, fid.curve_steps steps, seeds 0..fid.curve_samples-1) of every snapshot in a
     directory: FID against training budget."""
     from tqdm import tqdm
-
-    from ect.checkpoint import load_network, read_checkpoint
-    from ect.sample import generate
 
     mode = config["fid"]["modes"][0]
     ref, _, ex, digest = open_reference(config, ref_path, feature_net, device, modes=[mode])
     snapshots = sorted(Path(snapshot_dir).glob("*.pt"))
     if not snapshots:
         raise FIDError(f"no snapshots (*.pt) in {snapshot_dir}")
-    seeds = list(range(config["fid"]["curve_samples"]))
-    sample, points = config["sample"], []
+    points = []
     for path in tqdm(snapshots, desc="snapshots", disable=not progress):
-        net = load_network(path, device=device)
-        point = {"snapshot": path.name, "kimg": read_checkpoint(path)["meta"].get("kimg")}
-        for steps in config["fid"]["curve_steps"]:
-            images = generate(net, seeds, steps=steps, t_mids=sample["t_mid"], batch=sample["batch"], device=device,
-                              progress=False)
-            point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, ex[mode], sample["batch"]),
-                                                    *ref[mode], 1)[0]
-        points.append(point)
+        point = score_snapshot(path, config, ref[mode], ex[mode], 1, config["fid"]["curve_samples"], device)
+        points.append({k: v[0] if k.startswith("fid_") else v for k, v in point.items()})
         if progress:
-            print(json.dumps(point), flush=True)
-    return {"samples": len(seeds), "mode": mode, "feature_net_sha256": digest, "points": points}
+            print(json.dumps(points[-1]), flush=True)
+    return {"samples": config["fid"]["curve_samples"], "mode": mode, "feature_net_sha256": digest, "points": points}
+
+
+def scaling_point(config: dict, snapshot_dir, kimg: float, size: str, ref_path, feature_net, device) -> dict:
+    """One point of a scaling study: the snapshot of a size's tuning run at ``kimg``, scored with
+    scaling.sets sets of scaling.samples at each of fid.curve_steps steps."""
+    from ect.train import snapshot_name
+
+    mode = config["fid"]["modes"][0]
+    ref, _, ex, digest = open_reference(config, ref_path, feature_net, device, modes=[mode])
+    path = Path(snapshot_dir) / snapshot_name(round(kimg * 1000))
+    if not path.exists():
+        raise FIDError(f"no snapshot at {kimg:g} kimg in {snapshot_dir} ({path.name}): scaling.budgets_kimg must be "
+                       "multiples of tune.snapshot_kimg")
+    sets, samples = config["scaling"]["sets"], config["scaling"]["samples"]
+    point = score_snapshot(path, config, ref[mode], ex[mode], sets, samples, device)
+    return {"size": size, **point, "mode": mode, "sets": sets, "samples": samples, "feature_net_sha256": digest}
+
+
+def scaling_table(points: list[dict]) -> str:
+    """Scaling points as the CSV `ect scaling-fit` reads: compute (tuning FLOPs), fid, size, steps, set."""
+    rows = ["compute,fid,size,steps,set,kimg"]
+    for point in points:
+        for key, fids in point.items():
+            if key.startswith("fid_"):
+                steps = key[4:-4]
+                rows += [f"{point['flops']},{fid},{point['size']},{steps},{i},{point['kimg']}" for i, fid in
+                         enumerate(fids)]
+    return "\n".join(rows) + "\n"
+
+
+def curve_table(curve: dict) -> str:
+    """The FID curve as CSV, one row per snapshot (DVC plots read it): cost columns, then each step count."""
+    fids = sorted({k for p in curve["points"] for k in p if k.startswith("fid_")})
+    rows = [",".join((*CURVE_COLUMNS, *fids))]
+    rows += [",".join("" if p.get(k) is None else str(p[k]) for k in (*CURVE_COLUMNS, *fids)) for p in curve["points"]]
+    return "\n".join(rows) + "\n"

@@ -7,6 +7,9 @@ migration.
 
 - ``resources/`` holds what several runs share: downloads, datasets, Inception reference statistics.
 - ``results/<run>/`` holds one run's files, ``reports/<run>/`` its HTML report.
+- A scaling study (a config with a ``scaling`` section) trains one model per size: each size's
+  teacher, tuning run and logs live under ``results/<run>/sizes/<size>/`` (in the rules, ``{size}`` is
+  a wildcard), its points and fits under ``results/<run>/scaling/``.
 """
 from __future__ import annotations
 
@@ -42,11 +45,12 @@ SAMPLE_SETS = {
 # command line (steps whose outputs several presets share, under resources/).
 STEP_READS = {
     "feature_net": ("fid.feature_net",),
-    "pretrain": ("pretrain",),
+    "pretrain": ("pretrain", "scaling.sizes.{size}"),
     "tune": ("tune",),
     "sample": ("sample",),
     "fid": ("sample.sets", "fid.modes"),
     "fid_curve": ("fid", "sample.t_mid"),
+    "scaling_point": ("scaling.samples", "scaling.sets", "sample.t_mid", "fid.curve_steps", "fid.modes"),
     "report": ("",),
 }
 TRAINING_SECTIONS = ("pretrain", "tune")
@@ -60,11 +64,15 @@ def lookup(config: dict, key: str):
     return value
 
 
-def step_settings(config: dict, step: str) -> dict[str, object]:
+def step_settings(config: dict, step: str, wildcards: dict | None = None) -> dict[str, object]:
     """The values a step reads, by key. A training section leaves out CADENCE_KEYS (when to save and
-    log): changing them reruns nothing, and a run in progress resumes under the new values."""
+    log): changing them reruns nothing, and a run in progress resumes under the new values. A key with a
+    ``{wildcard}`` is the job's (a scaling study's size); a key whose section the config lacks is skipped."""
     out = {}
     for key in STEP_READS.get(step, ()):
+        if key and key.split(".")[0] not in config:
+            continue
+        key = key.format(**(wildcards or {}))
         if key in TRAINING_SECTIONS:
             out.update({f"{key}.{k}": v for k, v in config[key].items() if k not in CADENCE_KEYS})
         else:
@@ -73,10 +81,12 @@ def step_settings(config: dict, step: str) -> dict[str, object]:
 
 
 class RunLayout:
-    """The paths of one run, from its (validated) config."""
+    """The paths of one run, from its (validated) config. In a scaling study the per-size paths hold
+    ``size`` (by default the ``{size}`` wildcard of the rules)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, size: str = "{size}"):
         self.run = config["run"]
+        self.scaling = config.get("scaling")
         dataset, teacher, feature_net = config["dataset"], config["teacher"], config["fid"]["feature_net"]
         self.results = f"results/{self.run}"
         self.report_dir = f"reports/{self.run}"
@@ -101,19 +111,37 @@ class RunLayout:
             ("fetch_feature_net", self.feature_net if feature_net["kind"] == "inception" else None, feature_net),
         ) if path}
 
-        # The run's own files.
-        self.teacher = f"{self.results}/teacher.pt"
-        self.pretrain_log = f"{self.results}/pretrain-log.jsonl"
-        self.tuned = f"{self.results}/tuned.pt"
-        self.snapshots = f"{self.results}/snapshots"
-        self.train_log = f"{self.results}/train-log.jsonl"
-        self.curve = f"{self.results}/fid/curve.json"
+        # The run's own files (a scaling study's: each size's).
         self.logs = f"{self.results}/logs"
         self.benchmarks = f"{self.results}/benchmarks"
+        self.size = size if self.scaling else None
+        self.model = f"{self.results}/sizes/{size}" if self.scaling else self.results
+        self.job_suffix = f"-{size}" if self.scaling else ""  # in the log and benchmark names of per-size jobs
+        self.teacher = f"{self.model}/teacher.pt"
+        self.pretrain_log = f"{self.model}/pretrain-log.jsonl"
+        self.tuned = f"{self.model}/tuned.pt"
+        self.snapshots = f"{self.model}/snapshots"
+        self.train_log = f"{self.model}/train-log.jsonl"
+        self.curve = f"{self.results}/fid/curve.json"
+        self.curve_table = f"{self.results}/fid/curve.csv"
+
+        # A scaling study: a FID point per (size, budget), the points as one table, the power-law fits.
+        self.scaling_dir = f"{self.results}/scaling"
+        self.scaling_points = f"{self.scaling_dir}/points.csv"
 
     def state(self, step: str) -> str:
         """A training step's resumable state: never a declared output, so nothing deletes it."""
-        return f"{self.results}/state/{step}"
+        return f"{self.model}/state/{step}"
+
+    def scaling_point(self, size: str, kimg: str) -> str:
+        return f"{self.scaling_dir}/points/{size}-{kimg}.json"
+
+    def scaling_fit(self, name: str) -> str:
+        """``fit-2step.json`` (the compute frontier across sizes), ``fit-<size>-2step.json`` (one size)."""
+        return f"{self.scaling_dir}/fit-{name}.json"
+
+    def scaling_fit_names(self, steps) -> list[str]:
+        return [f"{n}step" for n in steps] + [f"{s}-{n}step" for s in self.scaling["sizes"] for n in steps]
 
     def checkpoint(self, name: str) -> str:
         return {"teacher": self.teacher, "tuned": self.tuned}[name]
@@ -132,3 +160,10 @@ class RunLayout:
 
     def benchmark(self, job: str) -> str:
         return f"{self.benchmarks}/{job}.tsv"
+
+    def model_log(self, job: str) -> str:
+        """The log of a job that trains the run's model (in a scaling study, one per size)."""
+        return self.log(job + self.job_suffix)
+
+    def model_benchmark(self, job: str) -> str:
+        return self.benchmark(job + self.job_suffix)

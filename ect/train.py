@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ect.checkpoint import load_state_by_name, read_checkpoint, save_checkpoint
 from ect.config import CADENCE_KEYS, ConfigError, section
+from ect.cost import device_info, iteration_flops, peak_tflops, precision_of
 from ect.data import load_dataset
 from ect.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 from ect.loss import ECTLossConfig, EDMLossConfig, ect_loss, edm_loss, stage_at
@@ -96,9 +97,16 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def from_config(cls, config: dict, section_name: str, objective: str) -> TrainConfig:
-        """The options of one training section of a (validated) config."""
-        return cls.from_dict({**section(config, section_name), "objective": objective})
+    def from_config(cls, config: dict, section_name: str, objective: str, size: str | None = None) -> TrainConfig:
+        """The options of one training section of a (validated) config; with a scaling study's ``size``, its
+        arch overrides applied."""
+        options = {**section(config, section_name), "objective": objective}
+        if size is not None:
+            sizes = (config.get("scaling") or {}).get("sizes", {})
+            if size not in sizes:
+                raise ConfigError(f"size {size!r} is not one of scaling.sizes ({', '.join(sizes) or 'no scaling'})")
+            options["arch"] = {**options.get("arch", {}), **sizes[size]}
+        return cls.from_dict(options)
 
     def loss_config(self):
         kind = ECTLossConfig if self.objective == "ect" else EDMLossConfig
@@ -259,6 +267,7 @@ class TrainState:
         self.dir, self.cfg, self.arch = state_dir, cfg, arch
         self.net, self.ema, self.optimizer = net, ema, optimizer
         self.iteration = 0
+        self.elapsed_s = 0.0  # training wall-clock so far, across resumes (saving and logging excluded)
         self.path, self.log_path = state_dir / "state.pt", state_dir / "log.jsonl"
 
     def save(self) -> None:
@@ -266,7 +275,8 @@ class TrainState:
         torch.save({"net": self.net.state_dict(), "ema": self.ema.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
                     "stage": self.cfg.stage_at(self.iteration), "data_position": self.iteration * self.cfg.batch,
-                    "rng_cpu": torch.get_rng_state(), "config_digest": self.cfg.digest(), "arch": self.arch}, buf)
+                    "rng_cpu": torch.get_rng_state(), "config_digest": self.cfg.digest(), "arch": self.arch,
+                    "elapsed_s": self.elapsed_s}, buf)
         write_bytes_atomic(self.path, buf.getvalue())
 
     def load(self) -> bool:
@@ -281,7 +291,7 @@ class TrainState:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
-        self.iteration = state["iteration"]
+        self.iteration, self.elapsed_s = state["iteration"], float(state.get("elapsed_s", 0.0))
         return True
 
     def append_log(self, line: dict) -> None:
@@ -297,6 +307,27 @@ class TrainState:
 
     def weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.net.parameters())
+
+
+class TensorBoard:
+    """The tick lines as TensorBoard events beside the JSON log, to watch a long run live
+    (`tensorboard --logdir results/<run>/state`). On resume, events after the saved iteration are purged."""
+
+    SCALARS = ("loss", "stage", "lr", "img_per_s", "tflops", "utilization", "elapsed_s")
+
+    def __init__(self, log_dir: Path, iteration: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=iteration or None)
+
+    def add(self, line: dict) -> None:
+        for key in self.SCALARS:
+            if line.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", line[key], line["iteration"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -333,6 +364,7 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
     if per_rank % micro:
         raise ValueError(f"per-process batch {per_rank} is not divisible by batch_gpu {micro}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.benchmark = True  # the reference's default (--bench): fastest convolutions per shape
     loss_cfg = cfg.loss_config()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -370,6 +402,11 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
     opt_cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
     optimizer = opt_cls(net.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
+    # Cost: FLOPs of one iteration (counted once, on shapes), the devices and their peak throughput.
+    flops_per_iteration = iteration_flops(arch, cfg.objective, micro, cfg.batch, (channels, res, res))
+    device = device_info(d.device, d.world)
+    peak, no_peak_reason = peak_tflops(device, precision_of(cfg.bf16, cfg.tf32))
+
     # Resume from the state directory when there is a state; otherwise start a fresh log.
     state = TrainState(state_dir, cfg, arch, net, ema, optimizer)
     if state.load() and d.main:
@@ -388,10 +425,16 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
             state.save()
         d.barrier()
 
+    def cost():
+        """What the run has cost so far: training time, FLOPs, device-hours."""
+        return {"elapsed_s": state.elapsed_s, "flops": float(state.iteration * flops_per_iteration),
+                "device_hours": state.elapsed_s * d.world / 3600}
+
     def save_ema(path):
         meta = {"producer": f"ect {'tune' if cfg.objective == 'ect' else 'pretrain'}", "iteration": state.iteration,
                 "kimg": state.iteration * cfg.batch / 1000, "ema_beta": cfg.ema_decay(),
-                "config_digest": cfg.digest(), "dataset": str(data_path), **init_meta}
+                "config_digest": cfg.digest(), "dataset": str(data_path), **cost(),
+                "flops_per_iteration": float(flops_per_iteration), "device": device, **init_meta}
         save_checkpoint(path, arch, ema.state_dict(), meta)
 
     # Train: one iteration per global batch until the budget is spent.
@@ -402,7 +445,8 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
     snapshot_every = cfg.every_iters(cfg.snapshot_kimg)
     bar = tqdm(total=cfg.total_iters, initial=state.iteration, unit="it", disable=not (progress and d.main),
                file=sys.stderr, desc=cfg.objective)
-    tick_start, tick_iter, tick_losses = time.perf_counter(), state.iteration, []
+    events = TensorBoard(state_dir / "tensorboard", state.iteration) if d.main else None
+    tick_start, tick_iter, tick_losses, tick_train_s = time.perf_counter(), state.iteration, [], 0.0
     while state.iteration < cfg.total_iters:
         # Stop cleanly when asked (SIGTERM/SIGUSR1 on any process): save the state, exit 75.
         if not d.all_true(stop.signum == 0):
@@ -410,11 +454,14 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
             raise Preempted(f"received signal {stop.signum}: state saved at iteration {state.iteration} in "
                             f"{state_dir}; rerun the same command to resume")
 
-        # One iteration.
+        # One iteration (its wall-clock time is the run's training time).
+        started = time.perf_counter()
         loss = step(state.iteration)
+        tick_train_s += time.perf_counter() - started
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss} at iteration {state.iteration}; the last good state "
                                    f"is kept in {state_dir} (not overwritten)")
+        state.elapsed_s += time.perf_counter() - started
         state.iteration += 1
         bar.update(1)
         tick_losses.append(loss)
@@ -422,14 +469,17 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
         # Log a tick, snapshot the EMA, save the state, each at its own cadence.
         if d.main and (state.iteration % tick_every == 0 or state.iteration == cfg.total_iters):
             elapsed = time.perf_counter() - tick_start
+            tflops = (state.iteration - tick_iter) * flops_per_iteration / max(tick_train_s, 1e-9) / 1e12
             line = {"iteration": state.iteration, "kimg": state.iteration * cfg.batch / 1000,
                     "loss": float(np.mean(tick_losses)), "stage": cfg.stage_at(state.iteration - 1),
                     "lr": cfg.lr_at(state.iteration - 1),
                     "img_per_s": (state.iteration - tick_iter) * cfg.batch / max(elapsed, 1e-9),
-                    "peak_mem_mb": _peak_memory_mb(d.device)}
+                    "peak_mem_mb": _peak_memory_mb(d.device), **cost(), "tflops": tflops,
+                    "utilization": tflops / peak if peak else None}
             state.append_log(line)
+            events.add(line)
             print(json.dumps(line), flush=True)
-            tick_start, tick_iter, tick_losses = time.perf_counter(), state.iteration, []
+            tick_start, tick_iter, tick_losses, tick_train_s = time.perf_counter(), state.iteration, [], 0.0
         if d.main and snapshot_every and state.iteration % snapshot_every == 0:
             save_ema(state_dir / "snapshots" / snapshot_name(state.iteration * cfg.batch))
         if state_every and state.iteration % state_every == 0 and state.iteration < cfg.total_iters:
@@ -439,6 +489,9 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
     # Done: the final state, the snapshots and the log published, the EMA weights as the output.
     save_state()
     if d.main:
+        events.close()
+        if no_peak_reason:
+            print(f"utilisation not reported: {no_peak_reason}", file=sys.stderr)
         if snapshot_dir is not None:
             _publish_snapshots(state_dir / "snapshots", Path(snapshot_dir))
         if log_path is not None:

@@ -201,6 +201,9 @@ def test_after_snakemake_dvc_is_up_to_date_repro_does_nothing_and_a_remote_round
     for stage in ["dataset", "pretrain", "tune", "fid-ect-1step"]:
         assert all(o.get("md5") for o in lock["stages"][stage]["outs"]), stage
     assert "fid_min" in run(["dvc", "metrics", "show"], repo).stdout
+    plots = json.loads(run(["dvc", "plots", "show", "--json", "dvc.yaml"], repo).stdout)
+    for axis in ("kimg", "device_hours", "flops"):  # the FID curve against each cost, as DVC plots
+        assert f"FID against {axis} (toy)" in json.dumps(plots), axis
 
     before = tracked_outputs(repo)
     assert len(before) > 20
@@ -323,6 +326,7 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     assert "3.86" in page and "2.15" in page and "not comparable" not in page  # the paper's numbers, side by side
     assert "legacy_tensorflow" in page and hashlib.sha256(teacher).hexdigest() in page
     assert "pinned in the preset" in page and "recorded on first use" in page  # how each download was checked
+    assert "The paper&#39;s claims" in page and "against the paper" in page  # a verdict per paper number
     assert "Nothing to be done" in run(["snakemake", "--configfile", "config/cifar10.yaml", "-n"], repo).stdout
 
     # the other preset reuses the downloads, the dataset and the reference statistics as they are
@@ -348,7 +352,8 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     assert all(name.startswith("pipelines/cifar10-1hour/dvc.yaml:") for name in ran), ran
     assert {name.split(":")[1].split("-")[0] for name in ran} == {"teacher", "tune", "sample", "fid", "fid_curve",
                                                                   "report"}
-    assert "2.73" in (repo / "reports" / "cifar10-1hour" / "index.html").read_text()
+    hour = (repo / "reports" / "cifar10-1hour" / "index.html").read_text()
+    assert "2.73" in hour and "within 1 A100 GPU-hour(s)" in hour and "not on an A100" in hour  # judged on A100s only
 
 
 def test_tune_runs_one_process_per_requested_gpu_under_torchrun(tmp_path):
@@ -427,3 +432,37 @@ def test_no_config_file_path_reaches_a_snakemake_shell_unquoted(tmp_path):
     run(["snakemake", "results/quoted/fid/feature-net.pt", "--configfile", "config/config.yaml", name], repo)
     assert (repo / "results/quoted/fid/feature-net.pt").exists()
     assert not list(repo.glob("PWNED*"))
+
+
+def test_the_toy_scaling_study_scores_every_point_fits_the_laws_and_reports_them(tmp_path):
+    """`snakemake scaling` on a shrunk toy study (3 sizes x 4 budgets): a job per grid point, the points table,
+    the fits (the frontier across sizes and each size, at 1 and 2 steps) and the report with the law."""
+    repo = clone_repo(tmp_path / "repo")
+    overlay = {"pretrain": {"kimg": 2, "tick_kimg": 1},
+               "tune": {"kimg": 4, "snapshot_kimg": 1, "tick_kimg": 1, "loss": {"double": 15}},
+               "scaling": {"sizes": {"xs": {"model_channels": 8}, "s": {"model_channels": 12},
+                                     "m": {"model_channels": 16}},
+                           "budgets_kimg": [1, 2, 3, 4], "samples": 128, "sets": 2},
+               "fid": {"feature_net": {"epochs": 2}}}
+    (repo / "small.yaml").write_text(yaml.safe_dump(overlay))
+    run(["snakemake", "scaling", "--configfile", "config/toy-scaling.yaml", "small.yaml"], repo, timeout=1200)
+    study = RunLayout(yaml.safe_load((repo / "config/toy-scaling.yaml").read_text()))
+    for size in ("xs", "s", "m"):
+        for kimg in ("1", "2", "3", "4"):
+            assert (repo / study.scaling_point(size, kimg)).exists() and \
+                (repo / study.log(f"scaling_point-{size}-{kimg}")).exists()
+    import csv
+
+    rows = list(csv.DictReader(open(repo / study.scaling_points)))
+    assert len(rows) == 3 * 4 * 2 * 2 and {r["size"] for r in rows} == {"xs", "s", "m"}
+    compute = {(r["size"], r["kimg"]): float(r["compute"]) for r in rows}
+    assert compute[("m", "4.0")] > compute[("m", "1.0")] and compute[("m", "4.0")] > compute[("xs", "4.0")]
+    for name in ("1step", "2step", "m-2step", "xs-1step"):
+        fit = json.loads((repo / study.scaling_fit(name)).read_text())
+        assert {"coefficient", "exponent", "exponent_ci95", "r2", "n_points", "holdout"} <= set(fit)
+        assert fit["frontier"] == (name in ("1step", "2step"))
+        assert fit["n_points"] == 4 if not fit["frontier"] else 3 <= fit["n_points"] <= 12
+    page = (repo / study.report).read_text()
+    frontier = json.loads((repo / study.scaling_fit("2step")).read_text())
+    assert f"{frontier['exponent']:.4f}" in page and "seem to obey classic power law scaling" in page
+    assert (repo / study.report_dir / "scaling.png").stat().st_size > 10_000

@@ -12,7 +12,7 @@ import yaml
 
 from ect.checkpoint import read_checkpoint
 from ect.train import TrainConfig, batch_indices, batch_noise, train
-from tests.helpers import ect_command, make_dataset, make_teacher, run_ect, state_dicts_equal, write_config
+from tests.helpers import TINY_ARCH, ect_command, make_dataset, make_teacher, run_ect, state_dicts_equal, write_config
 
 
 @pytest.fixture
@@ -102,13 +102,21 @@ def test_sigterm_saves_state_exits_75_and_resumes_even_with_other_save_and_log_i
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
     assert "rerun the same command to resume" in err
-    saved = torch.load(tmp / "term-state" / "state.pt", weights_only=True)["iteration"]
+    stopped = torch.load(tmp / "term-state" / "state.pt", weights_only=True)
+    saved = stopped["iteration"]
     assert 5 <= saved < 100
     # resumed with more frequent saves and ticks (CADENCE_KEYS): accepted, and the same weights
     resume_config = write_config(tmp / "more-often.yaml", tune={"kimg": 0.8, "state_kimg": 0.016, "tick_kimg": 0.008})
     run_ect(*tune_args(tmp, data, teacher, resume_config, "term"))
     assert state_dicts_equal(read_checkpoint(tmp / "term.pt")["state_dict"], read_checkpoint(tmp / "full.pt")["state_dict"])
-    assert read_checkpoint(tmp / "term.pt")["meta"] == read_checkpoint(tmp / "full.pt")["meta"]
+    timing = ("elapsed_s", "device_hours")  # wall-clock: the only meta that differs between the two runs
+    term, full = (read_checkpoint(tmp / f"{n}.pt")["meta"] for n in ("term", "full"))
+    assert {k: v for k, v in term.items() if k not in timing} == {k: v for k, v in full.items() if k not in timing}
+    # the training time continues across the resume: the interrupted run's time is kept, not restarted
+    assert 0 < stopped["elapsed_s"] < term["elapsed_s"]
+    log = read_log(tmp / "term.jsonl")
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(log, log[1:], strict=False))
+    assert [e["flops"] for e in log] == [e["iteration"] * term["flops_per_iteration"] for e in log]
 
 
 def test_diverging_loss_stops_and_keeps_last_good_state(setup):
@@ -195,3 +203,49 @@ def test_ema_is_beta_average_of_parameters_after_each_step(setup):
         want = 0.9 * init[k] + 0.1 * net[k] if not k.endswith("resample_filter") else init[k]
         torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-7, msg=k)
     assert not torch.equal(net["model.enc.8x8_conv.weight"], init["model.enc.8x8_conv.weight"])
+
+
+def test_flops_of_an_iteration_scale_with_the_batch_and_ect_adds_one_forward_pass():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ect.cost import forward_flops, iteration_flops
+    from ect.networks import build_network
+
+    arch, shape = {**TINY_ARCH, "kind": "ect", "dropout": 0.1}, (3, 8, 8)
+    per_8 = iteration_flops(arch, "ect", 8, 8, shape)
+    assert iteration_flops(arch, "ect", 8, 16, shape) == iteration_flops(arch, "ect", 16, 16, shape) == 2 * per_8
+    assert per_8 - iteration_flops(arch, "edm", 8, 8, shape) == forward_flops(arch, 8, shape)
+    # counted on shapes (the meta device) exactly as on real tensors
+    net = build_network(arch).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.randn(8, *shape), torch.ones(8))
+    assert counter.get_total_flops() == forward_flops(arch, 8, shape) > 0
+
+
+def test_ticks_and_snapshots_carry_the_cost_so_far(setup):
+    tmp, data, teacher = setup
+    config = write_config(tmp / "c.yaml", tune={"kimg": 0.32, "snapshot_kimg": 0.16})
+    run_ect(*tune_args(tmp, data, teacher, config, "run"))
+    log = read_log(tmp / "run.jsonl")
+    meta = read_checkpoint(tmp / "run.pt")["meta"]
+    assert meta["flops"] == meta["iteration"] * meta["flops_per_iteration"] > 0
+    assert meta["device"]["type"] == "cpu" and meta["device"]["count"] == 1 and meta["device"]["name"].startswith("CPU")
+    assert meta["device_hours"] == pytest.approx(meta["elapsed_s"] / 3600)
+    assert all(e["tflops"] > 0 and e["utilization"] is None for e in log)  # no peak is known for a CPU
+    snaps = [read_checkpoint(p)["meta"] for p in sorted((tmp / "run-snaps").glob("*.pt"))]
+    assert [m["iteration"] for m in snaps] == [20, 40] and snaps[0]["elapsed_s"] < snaps[1]["elapsed_s"]
+    assert list((tmp / "run-state" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_shorter_run_is_a_prefix_of_a_longer_one_so_snapshots_are_budget_points(setup):
+    """What makes a scaling study's budget points valid: the learning rate and the stage depend only on the
+    iteration, so the snapshot of a long run at k kimg is the model a k-kimg run ends with, bit for bit."""
+    tmp, data, teacher = setup
+    for schedule in ("constant", "isqrt"):
+        tune = {"snapshot_kimg": 0.08, "lr_schedule": schedule, "lr_decay_iters": 3}
+        long = write_config(tmp / f"long-{schedule}.yaml", tune={"kimg": 0.24, **tune})
+        short = write_config(tmp / f"short-{schedule}.yaml", tune={"kimg": 0.08, **tune})
+        run_ect(*tune_args(tmp, data, teacher, long, f"long-{schedule}"))
+        run_ect(*tune_args(tmp, data, teacher, short, f"short-{schedule}"))
+        snapshot = read_checkpoint(tmp / f"long-{schedule}-snaps" / "kimg000000.080.pt")
+        assert state_dicts_equal(snapshot["state_dict"], read_checkpoint(tmp / f"short-{schedule}.pt")["state_dict"])

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import yaml
 
+from ect.checkpoint import read_checkpoint
 from ect.download import RECORD_FILE, ChecksumRecord
 from ect.fileio import remove_stale_temporaries, sha256_file
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.report import plots
+from ect.scaling import read_points
 
 PAGE = "index.html"
 PACKAGES = ["ect-pipeline", "torch", "torchvision", "numpy", "scipy", "clean-fid", "snakemake", "dvc", "jinja2",
@@ -87,28 +89,19 @@ def collect(config: dict, config_files: list[str]) -> dict:
         paper_value = paper.get(sample_set.paper_key) if paper and sample_set.paper_key else None
         rows.append({"set": name, "label": sample_set.label, "nfe": r["nfe"], "fid_min": r["fid_min"],
                      "fid_mean": r["fid_mean"], "fid_sets": r["fid_sets"], "paper": paper_value,
+                     "verdict": verdict(r["fid_min"], paper_value) if paper_value is not None else None,
                      "other_modes": {m: v["fid_min"] for m, v in r.get("modes", {}).items() if m != r["mode"]}})
     any_fid = _json(Path(layout.fid(next(iter(SAMPLE_SETS)))))
     curve = _json(Path(layout.curve))
     checkpoints = {name: {"path": layout.checkpoint(name), "sha256": sha256_file(layout.checkpoint(name))}
                    for name in ("teacher", "tuned")}
-    record = ChecksumRecord(RECORD_FILE)
-    downloads = []
-    for rule, (path, entry) in layout.downloads.items():
-        recorded = record.get(entry["url"])
-        if entry.get("sha256") or entry.get("md5"):
-            how, digest = "pinned in the preset", entry.get("sha256") or f"md5 {entry['md5']}"
-        elif recorded:
-            how, digest = f"recorded on first use ({recorded.get('recorded', 'date unknown')})", recorded["sha256"]
-        else:
-            how, digest = f"not verified: no checksum pinned or recorded in {RECORD_FILE}", ""
-        downloads.append({"what": rule.removeprefix("fetch_").replace("_", " "), "url": entry["url"], "path": path,
-                          "sha256": digest, "how": how})
+    tuned_meta = read_checkpoint(layout.tuned)["meta"]
+    cost = {"device": tuned_meta.get("device"), "device_hours": tuned_meta.get("device_hours"),
+            "flops": tuned_meta.get("flops"), "kimg": tuned_meta.get("kimg")}
     return {
-        "run": config["run"],
-        "title": config["report"].get("title", f"ECT run {config['run']}"),
-        "description": config.get("description", ""),
-        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **page_header(config),
+        "claims": claims(rows, paper, cost),
+        "cost": cost,
         "paper": paper,
         "fid_rows": rows,
         "protocol": {
@@ -116,7 +109,7 @@ def collect(config: dict, config_files: list[str]) -> dict:
             "modes": config["fid"]["modes"],
             "feature_net": config["fid"]["feature_net"].get("url", "trained by the feature_net rule (fixed seed)"),
             "feature_net_sha256": any_fid["feature_net_sha256"],
-            "feature_net_check": next((d["how"] for d in downloads if d["path"] == layout.feature_net),
+            "feature_net_check": next((d["how"] for d in downloads_checked(layout) if d["path"] == layout.feature_net),
                                       "trained by the feature_net rule"),
             "feature_net_kind": config["fid"]["feature_net"]["kind"],
             "reference": any_fid["reference"],
@@ -131,18 +124,100 @@ def collect(config: dict, config_files: list[str]) -> dict:
         },
         "curve_points": curve["points"],
         "provenance": {
-            "git_commit": _git_commit(Path.cwd()),
-            "config_files": config_files,
-            "config_yaml": yaml.safe_dump(config, sort_keys=False),
+            **provenance(config, config_files, layout),
             "dataset": {"path": layout.dataset, "content_sha256": any_fid["reference"].get("dataset_sha256"),
                         "file_sha256": sha256_file(layout.dataset)},
             "checkpoints": checkpoints,
-            "downloads": downloads,
             "teacher_source": config["teacher"],
-            "versions": _versions(),
-            "runtimes": _runtimes(Path(layout.benchmarks)),
         },
     }
+
+
+def downloads_checked(layout: RunLayout) -> list[dict]:
+    """Each download of the run and how its checksum was verified: pinned in the preset, or recorded on
+    first use (with the date), or not at all."""
+    record = ChecksumRecord(RECORD_FILE)
+    out = []
+    for rule, (path, entry) in layout.downloads.items():
+        recorded = record.get(entry["url"])
+        if entry.get("sha256") or entry.get("md5"):
+            how, digest = "pinned in the preset", entry.get("sha256") or f"md5 {entry['md5']}"
+        elif recorded:
+            how, digest = f"recorded on first use ({recorded.get('recorded', 'date unknown')})", recorded["sha256"]
+        else:
+            how, digest = f"not verified: no checksum pinned or recorded in {RECORD_FILE}", ""
+        out.append({"what": rule.removeprefix("fetch_").replace("_", " "), "url": entry["url"], "path": path,
+                    "sha256": digest, "how": how})
+    return out
+
+
+def provenance(config: dict, config_files: list[str], layout: RunLayout) -> dict:
+    """What every report records: code, config, downloads, package versions, runtimes."""
+    return {"git_commit": _git_commit(Path.cwd()), "config_files": config_files,
+            "config_yaml": yaml.safe_dump(config, sort_keys=False), "downloads": downloads_checked(layout),
+            "versions": _versions(), "runtimes": _runtimes(Path(layout.benchmarks))}
+
+
+def page_header(config: dict) -> dict:
+    return {"run": config["run"], "title": config["report"].get("title", f"ECT run {config['run']}"),
+            "description": config.get("description", ""),
+            "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def collect_scaling(config: dict, config_files: list[str]) -> dict:
+    """Everything a scaling study's report shows, from its points and fits."""
+    layout = RunLayout(config)
+    steps = [str(n) for n in config["fid"]["curve_steps"]]
+    fits = [_json(Path(layout.scaling_fit(name))) for name in layout.scaling_fit_names(config["fid"]["curve_steps"])]
+    grouped: dict[tuple, dict] = {}
+    for row in read_points(layout.scaling_points):
+        point = grouped.setdefault((row["size"], float(row["kimg"])), {"size": row["size"], "kimg": float(row["kimg"]),
+                                                                       "compute": row["compute"], "sets": {}})
+        point["sets"].setdefault(row["steps"], []).append(row["fid"])
+    points = [{**p, "fid": {s: sum(v) / len(v) for s, v in p["sets"].items()}} for p in grouped.values()]
+    teachers = []
+    for size, arch in config["scaling"]["sizes"].items():
+        meta = read_checkpoint(RunLayout(config, size).teacher)["meta"]
+        teachers.append({"size": size, "arch": arch or "the teacher's", "flops": meta.get("flops")})
+    paper = config["report"].get("paper") or {}
+    return {**page_header(config), "steps": steps, "fits": fits, "frontier": [f for f in fits if f["frontier"]],
+            "points": sorted(points, key=lambda p: (list(config["scaling"]["sizes"]).index(p["size"]), p["kimg"])),
+            "teachers": teachers, "sets": config["scaling"]["sets"], "samples": config["scaling"]["samples"],
+            "statement": paper.get("statement", "(no statement in the preset)"),
+            "provenance": provenance(config, config_files, layout)}
+
+
+def verdict(ours: float, paper: float) -> dict:
+    """How a FID of ours compares with the paper's: within 5 % is reproduced; lower is better."""
+    rel = (ours - paper) / paper
+    if abs(rel) <= 0.05:
+        text, kind = f"reproduced ({rel:+.1%})", "held"
+    elif rel < 0:
+        text, kind = f"better ({-rel:.0%} lower)", "held"
+    else:
+        text, kind = f"short by {rel:.0%}", "missed"
+    return {"relative": rel, "text": text, "kind": kind}
+
+
+def claims(rows: list[dict], paper: dict | None, cost: dict) -> list[dict]:
+    """The report's top line: each paper number with its verdict, and the compute budget a claim names."""
+    if not paper:
+        return []
+    out = [{"claim": f"{row['label']}: FID {row['paper']}", "ours": f"{row['fid_min']:.2f}", **row["verdict"]}
+           for row in rows if row["verdict"]]
+    budget = paper.get("budget")
+    if budget:
+        device = (cost.get("device") or {}).get("name", "an unknown device")
+        hours = cost.get("device_hours")
+        ours = "not measured" if hours is None else f"{hours:.2f} device-hours on {device}"
+        if hours is None or budget["device"] not in device:
+            kind, text = "unjudged", f"measured on {device}, not on an {budget['device']}: not comparable"
+        else:
+            held = hours <= budget["gpu_hours"] * 1.05
+            kind, text = ("held", "within the budget") if held else ("missed", f"{hours / budget['gpu_hours']:.1f}x the budget")
+        out.append({"claim": f"within {budget['gpu_hours']:g} {budget['device']} GPU-hour(s)", "ours": ours,
+                    "text": text, "kind": kind})
+    return out
 
 
 MARKER = ".ect-report"  # in every directory the report writes: the only kind it may replace
@@ -164,27 +239,31 @@ def build_report(config: dict, config_files: list[str], out_dir) -> Path:
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     layout = RunLayout(config)
-    ctx = collect(config, config_files)
+    ctx = (collect_scaling if layout.scaling else collect)(config, config_files)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-new")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()  # permissions from the umask, like every output
     try:
-        grids = {}
-        for name in SAMPLE_SETS:
-            src = Path(layout.grid(name))
-            if not src.exists():
-                raise ReportError(f"missing sample grid {src}")
-            shutil.copyfile(src, tmp / f"samples-{name}.png")
-            grids[name] = f"samples-{name}.png"
-        plots.training_curves({"pretrain": _jsonl(Path(layout.pretrain_log)),
-                               "tune": _jsonl(Path(layout.train_log))}, tmp / "training.png")
-        plots.fid_curve(ctx["curve_points"], tmp / "fid-curve.png")
         env = Environment(loader=PackageLoader("ect.report", "templates"), autoescape=True, undefined=StrictUndefined)
-        html = env.get_template("report.html.j2").render(
-            **ctx, grids=grids, set_labels={name: s.label for name, s in SAMPLE_SETS.items()},
-            figures={"training": "training.png", "fid_curve": "fid-curve.png"})
+        if layout.scaling:
+            plots.scaling(ctx["points"], ctx["fits"], tmp / "scaling.png")
+            html = env.get_template("scaling.html.j2").render(**ctx, figure="scaling.png")
+        else:
+            grids = {}
+            for name in SAMPLE_SETS:
+                src = Path(layout.grid(name))
+                if not src.exists():
+                    raise ReportError(f"missing sample grid {src}")
+                shutil.copyfile(src, tmp / f"samples-{name}.png")
+                grids[name] = f"samples-{name}.png"
+            plots.training_curves({"pretrain": _jsonl(Path(layout.pretrain_log)),
+                                   "tune": _jsonl(Path(layout.train_log))}, tmp / "training.png")
+            plots.fid_curve(ctx["curve_points"], (ctx["cost"]["device"] or {}).get("type"), tmp / "fid-curve.png")
+            html = env.get_template("report.html.j2").render(
+                **ctx, grids=grids, set_labels={name: s.label for name, s in SAMPLE_SETS.items()},
+                figures={"training": "training.png", "fid_curve": "fid-curve.png"})
         (tmp / PAGE).write_text(html)
         (tmp / MARKER).write_text("written by 'ect report': this directory is replaced as a whole on every run\n")
         for path in tmp.iterdir():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -27,11 +28,48 @@ def training_curves(logs: dict[str, list[dict]], path) -> None:
     _save(fig, path)
 
 
-def fid_curve(points: list[dict], path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+def fid_curve(points: list[dict], device_type: str | None, path) -> None:
+    """FID at each step count against the tuning budget in images, device-hours and FLOPs."""
+    axes_of = [("kimg", "tuning kimg"),
+               ("device_hours", "GPU-hours" if device_type == "cuda" else "device-hours (CPU)"),
+               ("flops", "tuning FLOPs")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     keys = sorted({k for p in points for k in p if k.startswith("fid_")})
-    for key in keys:
-        ax.plot([p["kimg"] for p in points], [p[key] for p in points], marker="o", label=key[4:].replace("step", "-step"))
-    ax.set(xlabel="tuning kimg", ylabel="FID", title="FID against training budget")
-    ax.legend()
+    for ax, (x, label) in zip(axes, axes_of, strict=True):
+        usable = [p for p in points if p.get(x) is not None]
+        for key in keys:
+            ax.plot([p[x] for p in usable], [p[key] for p in usable], marker="o", label=key[4:].replace("step", "-step"))
+        ax.set(xlabel=label, ylabel="FID", title=f"FID against {label}")
+        if x == "flops":
+            ax.set_xscale("log")
+        ax.legend()
+    _save(fig, path)
+
+
+def scaling(points: list[dict], fits: list[dict], path) -> None:
+    """FID against tuning FLOPs, log-log, a panel per step count: each size's points and fitted law
+    (dashed), and the law of the compute frontier across sizes (solid)."""
+    import numpy as np
+
+    steps = sorted({s for p in points for s in p["fid"]}, key=int)
+    sizes = list(dict.fromkeys(p["size"] for p in points))
+    fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 3.8), squeeze=False)
+    for ax, step in zip(axes[0], steps, strict=True):
+        for i, size in enumerate(sizes):
+            mine = sorted((p for p in points if p["size"] == size), key=lambda p: p["compute"])
+            color = f"C{i}"
+            ax.plot([p["compute"] for p in mine], [p["fid"][step] for p in mine], "o", color=color, label=f"size {size}")
+            law = next((f for f in fits if f["size"] == size and f["steps"] == step), None)
+            if law:
+                c = np.geomspace(mine[0]["compute"], mine[-1]["compute"], 50)
+                ax.plot(c, law["coefficient"] * c ** -law["exponent"], "--", color=color)
+        law = next((f for f in fits if f["frontier"] and f["steps"] == step), None)
+        if law:
+            c = np.geomspace(min(p["compute"] for p in points), max(p["compute"] for p in points), 50)
+            ax.plot(c, law["coefficient"] * c ** -law["exponent"], "-", color="k",
+                    label=f"frontier: exponent {law['exponent']:.3f}")
+        ax.set(xscale="log", yscale="log", xlabel="tuning FLOPs", ylabel="FID", title=f"{step}-step")
+        for axis in (ax.xaxis, ax.yaxis):  # label the decades only: minor labels overlap
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.legend(fontsize=8)
     _save(fig, path)

@@ -35,8 +35,19 @@ def config_files(wildcards, input):
 
 
 def settings(step):
-    """The config values a step reads, as its `settings` param (the same keys are its DVC params)."""
-    return step_settings(config, step)
+    """The config values a step reads, as its `settings` param (the same keys are its DVC params); a
+    function of the job's wildcards (a scaling study's size selects its own arch overrides)."""
+    return lambda wildcards: step_settings(config, step, dict(wildcards))
+
+
+def per_job(path):
+    """A path with the job's wildcards filled in, as a param (Snakemake fills in only input, output, log)."""
+    return lambda wildcards: path.format(**wildcards)
+
+
+def size_args(wildcards):
+    """` --size S` for a scaling study's per-size training jobs, else nothing."""
+    return optional_args(["--size", wildcards.size] if L.scaling else [])
 
 
 def resource_settings_of(rule_name):
@@ -92,9 +103,19 @@ def checkpoint_of(wildcards):
 
 def gpu_hours():
     """Requested GPU-hours of each GPU rule = jobs x GPUs x runtime limit (an upper bound, for planning)."""
-    jobs = {"sample": len(SAMPLE_SETS), "fid": len(SAMPLE_SETS)}
+    if L.scaling:
+        sizes = len(L.scaling["sizes"])
+        jobs = {
+            "pretrain": sizes,
+            "teacher": sizes,
+            "tune": sizes,
+            "scaling_point": sizes * len(L.scaling["budgets_kimg"]),
+        }
+    else:
+        jobs = {"sample": len(SAMPLE_SETS), "fid": len(SAMPLE_SETS), "fid_curve": 1}
+    jobs.update(fid_reference=1, tune=jobs.get("tune", 1))
     rows = []
-    for rule_name in ["fid_reference", "tune", "sample", "fid", "fid_curve"]:
+    for rule_name in jobs:
         res = resources_of(rule_name)
         if res.get("gpu"):
             n = jobs.get(rule_name, 1)
@@ -158,3 +179,24 @@ def record_in_dvc():
         print(f"warning: could not record the outputs in DVC (`dvc commit` failed):\n{proc.stderr[-2000:]}")
     else:
         print(f"recorded {len(stages)} stage(s) of preset '{preset}' in DVC (dvc.lock): `dvc status` is clean")
+
+
+def scaling_fit_args(fit):
+    """`ect scaling-fit` options of a fit's name: `2step` is the frontier across sizes, `m-2step` size m."""
+    size, _, steps = fit.rpartition("-")
+    selection = ["--steps", steps.removesuffix("step")]
+    return optional_args(selection + (["--size", size] if size else ["--frontier"]))
+
+
+def report_inputs(wildcards):
+    """What the report shows: a run's FIDs, grids, curves, logs and checkpoints, or a study's points and fits."""
+    if L.scaling:
+        return {"points": L.scaling_points, "fits": [L.scaling_fit(name) for name in FITS]}
+    return {
+        "fid": [L.fid(s) for s in SAMPLE_SETS],
+        "grids": [L.grid(s) for s in SAMPLE_SETS],
+        "curve": L.curve,
+        "logs": ([L.pretrain_log] if config["teacher"]["source"] == "pretrain" else []) + [L.train_log],
+        "checkpoints": [L.teacher, L.tuned],
+        "data": L.dataset,
+    }

@@ -49,53 +49,56 @@ rule fid_reference:
         "{params.checksums} --modes {params.modes:q} --out {output:q} --no-progress > {log:q} 2>&1"
 
 
-rule fid:
-    """FID of one sample set: min and mean over the config's sample sets."""
-    input:
-        samples=L.samples("{set}"),
-        ref=L.reference,
-        feature_net=L.feature_net,
-    output:
-        L.fid("{set}"),
-    log:
-        L.log("fid-{set}"),
-    benchmark:
-        L.benchmark("fid-{set}")
-    wildcard_constraints:
-        set="|".join(SAMPLE_SETS),
-    conda:
-        "../envs/ect.yaml"
-    threads: threads_of("fid")
-    resources:
-        **resources_of("fid"),
-    params:
-        config=config_files,
-        settings=settings("fid"),
-    shell:
-        "exec ect fid --config {params.config:q} --samples {input.samples:q} --ref {input.ref:q}"
-        " --feature-net {input.feature_net:q} --out {output:q} --no-progress > {log:q} 2>&1"
+if not L.scaling:  # a single run's evaluation (a scaling study scores its points: scaling.smk)
 
+    rule fid:
+        """FID of one sample set: min and mean over the config's sample sets."""
+        input:
+            samples=L.samples("{set}"),
+            ref=L.reference,
+            feature_net=L.feature_net,
+        output:
+            L.fid("{set}"),
+        log:
+            L.log("fid-{set}"),
+        benchmark:
+            L.benchmark("fid-{set}")
+        wildcard_constraints:
+            set="|".join(SAMPLE_SETS),
+        conda:
+            "../envs/ect.yaml"
+        threads: threads_of("fid")
+        resources:
+            **resources_of("fid"),
+        params:
+            config=config_files,
+            settings=settings("fid"),
+        shell:
+            "exec ect fid --config {params.config:q} --samples {input.samples:q} --ref {input.ref:q}"
+            " --feature-net {input.feature_net:q} --out {output:q} --no-progress > {log:q} 2>&1"
 
-rule fid_curve:
-    """FID against training budget: every EMA snapshot of the tuning run, 1 and 2 steps."""
-    input:
-        snapshots=L.snapshots,
-        ref=L.reference,
-        feature_net=L.feature_net,
-    output:
-        L.curve,
-    log:
-        L.log("fid_curve"),
-    benchmark:
-        L.benchmark("fid_curve")
-    conda:
-        "../envs/ect.yaml"
-    threads: threads_of("fid_curve")
-    resources:
-        **resources_of("fid_curve"),
-    params:
-        config=config_files,
-        settings=settings("fid_curve"),
-    shell:
-        "exec ect fid-curve --config {params.config:q} --snapshots {input.snapshots:q} --ref {input.ref:q}"
-        " --feature-net {input.feature_net:q} --out {output:q} --no-progress > {log:q} 2>&1"
+    rule fid_curve:
+        """FID against training budget: every EMA snapshot of the tuning run, 1 and 2 steps."""
+        input:
+            snapshots=L.snapshots,
+            ref=L.reference,
+            feature_net=L.feature_net,
+        output:
+            curve=L.curve,
+            table=L.curve_table,
+        log:
+            L.log("fid_curve"),
+        benchmark:
+            L.benchmark("fid_curve")
+        conda:
+            "../envs/ect.yaml"
+        threads: threads_of("fid_curve")
+        resources:
+            **resources_of("fid_curve"),
+        params:
+            config=config_files,
+            settings=settings("fid_curve"),
+        shell:
+            "exec ect fid-curve --config {params.config:q} --snapshots {input.snapshots:q} --ref {input.ref:q}"
+            " --feature-net {input.feature_net:q} --out {output.curve:q} --table {output.table:q} --no-progress"
+            " > {log:q} 2>&1"

@@ -1,12 +1,7 @@
 rule report:
     """The HTML report: FID against the paper, sample grids, curves, protocol, provenance."""
     input:
-        fid=[L.fid(s) for s in SAMPLE_SETS],
-        grids=[L.grid(s) for s in SAMPLE_SETS],
-        curve=L.curve,
-        logs=([L.pretrain_log] if config["teacher"]["source"] == "pretrain" else []) + [L.train_log],
-        checkpoints=[L.teacher, L.tuned],
-        data=L.dataset,
+        unpack(report_inputs),
     output:
         directory(L.report_dir),
     log:

@@ -9,9 +9,9 @@ if config["teacher"]["source"] == "pretrain":
             teacher=L.teacher,
             train_log=L.pretrain_log,
         log:
-            L.log("pretrain"),
+            L.model_log("pretrain"),
         benchmark:
-            L.benchmark("pretrain")
+            L.model_benchmark("pretrain")
         conda:
             "../envs/ect.yaml"
         threads: threads_of("pretrain")
@@ -20,9 +20,10 @@ if config["teacher"]["source"] == "pretrain":
         params:
             config=config_files,
             settings=settings("pretrain"),
-            state=L.state("pretrain"),  # resumable state: not an output, so a retry resumes
+            state=per_job(L.state("pretrain")),  # resumable state: not an output, so a retry resumes
+            size=size_args,
         shell:
-            "exec ect pretrain --config {params.config:q} --data {input.data:q} --state-dir {params.state:q}"
+            "exec ect pretrain --config {params.config:q}{params.size} --data {input.data:q} --state-dir {params.state:q}"
             " --out {output.teacher:q} --train-log {output.train_log:q} --no-progress > {log:q} 2>&1"
 
 else:
@@ -34,9 +35,9 @@ else:
         output:
             L.teacher,
         log:
-            L.log("teacher"),
+            L.model_log("teacher"),
         benchmark:
-            L.benchmark("teacher")
+            L.model_benchmark("teacher")
         conda:
             "../envs/ect.yaml"
         resources:

@@ -8,9 +8,9 @@ rule tune:
         snapshots=directory(L.snapshots),
         train_log=L.train_log,
     log:
-        L.log("tune"),
+        L.model_log("tune"),
     benchmark:
-        L.benchmark("tune")
+        L.model_benchmark("tune")
     conda:
         "../envs/ect.yaml"
     threads: threads_of("tune")
@@ -23,7 +23,7 @@ rule tune:
     params:
         config=config_files,
         settings=settings("tune"),
-        state=L.state("tune"),  # resumable state: not an output, so a retry resumes
+        state=per_job(L.state("tune")),  # resumable state: not an output, so a retry resumes
         # one process per GPU on this node (torchrun); a single process without torchrun otherwise
         launcher=(
             ["torchrun", "--standalone", f"--nproc_per_node={gpus_of('tune')}", "-m", "ect.cli"]
