@@ -6,10 +6,13 @@ For the toy preset's network (config/config.yaml) and the CIFAR-10 DDPM++ networ
 at the given batch: our iteration (`ect.train.TrainStep`: the batch drawn from the dataset, the
 student's forward and backward, the target's forward, RAdam, the EMA) and, with `--reference` pointing
 at a checkout of locuslab/ect (never committed here), the reference's (`training.loss.ECMLoss` on the
-same network with the same weights, then its loop's gradient clean-up, RAdam and EMA). The two alternate
-step by step, so the machine's state is shared; the median of each is reported with img/s, achieved
-TFLOP/s (FLOPs counted by `ect.cost`) and the utilisation of the device's peak (none for a CPU).
-Without `--reference` the reference column is skipped, with a message.
+same network with the same weights, then its loop's gradient clean-up, RAdam and EMA). They run in
+alternating blocks (a warm-up step, then `--steps` timed steps; `--rounds` rounds), so both see the same
+machine; step-by-step alternation measured an interference between the two (each slows the other's
+next step unevenly), which blocks avoid. The median of each is reported with img/s, achieved TFLOP/s
+(FLOPs counted by `ect.cost`) and the utilisation of the device's peak (none for a CPU), and, as the
+method's noise floor, the same measurement of ours against a second copy of ours. Without
+`--reference` the reference column is skipped, with a message.
 
 On a CPU the reference's shared-dropout trick (save and restore the CUDA generator) uses the CPU
 generator instead, as ours does; nothing else of it is changed.
@@ -108,17 +111,17 @@ def timed(step, device) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, arch: dict, batch: int, steps: int, device: torch.device, checkout: Path | None) -> dict:
+def measure(name: str, arch: dict, batch: int, steps: int, rounds: int, device: torch.device,
+            checkout: Path | None) -> dict:
     net, our_step = ours(arch, batch, device)
-    steps_of = {"ours": our_step}
+    steps_of = {"ours": our_step, "ours_again": ours(arch, batch, device)[1]}
     if checkout is not None:
         steps_of["reference"] = reference(arch, batch, device, checkout, net.state_dict())
     times = {k: [] for k in steps_of}
-    for i in range(steps + 1):  # the first round warms up and is not counted
-        for key, step in steps_of.items():  # alternating: both see the same machine state
-            seconds = timed(step, device)
-            if i:
-                times[key].append(seconds)
+    for _ in range(rounds):
+        for key, step in steps_of.items():
+            timed(step, device)  # warm-up: the first step after the other implementation's is not counted
+            times[key] += [timed(step, device) for _ in range(steps)]
     flops = iteration_flops(arch, "ect", batch, batch, (arch["img_channels"], arch["img_resolution"],
                                                          arch["img_resolution"]))
     device_row = device_info(device, 1)
@@ -131,6 +134,7 @@ def measure(name: str, arch: dict, batch: int, steps: int, device: torch.device,
         tflops = flops / seconds / 1e12
         row[key] = {"step_s": round(seconds, 4), "img_per_s": round(batch / seconds, 2), "tflops": round(tflops, 4),
                     "utilization": round(tflops / peak, 4) if peak else None}
+    row["noise_floor"] = round(row["ours"]["step_s"] / row["ours_again"]["step_s"], 3)  # ours against ours
     if "reference" in row:
         row["ours_over_reference_step_time"] = round(row["ours"]["step_s"] / row["reference"]["step_s"], 3)
     if no_peak:
@@ -143,7 +147,8 @@ def main():
     p.add_argument("--reference", type=Path, help="a checkout of locuslab/ect (main branch), never committed here")
     p.add_argument("--batch-toy", type=int, default=32)  # the toy preset's batch
     p.add_argument("--batch-cifar", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of blocks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", choices=["toy", "cifar10"], help="one network only")
     a = p.parse_args()
@@ -154,7 +159,7 @@ def main():
     device = torch.device(a.device)
     for name, arch, batch in (("toy", toy_arch(), a.batch_toy), ("cifar10", CIFAR10, a.batch_cifar)):
         if a.only in (None, name):
-            print(json.dumps(measure(name, arch, batch, a.steps, device, a.reference)), flush=True)
+            print(json.dumps(measure(name, arch, batch, a.steps, a.rounds, device, a.reference)), flush=True)
 
 
 if __name__ == "__main__":

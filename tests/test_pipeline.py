@@ -439,16 +439,16 @@ def test_the_toy_scaling_study_scores_every_point_fits_the_laws_and_reports_them
     the fits (the frontier across sizes and each size, at 1 and 2 steps) and the report with the law."""
     repo = clone_repo(tmp_path / "repo")
     overlay = {"pretrain": {"kimg": 2, "tick_kimg": 1},
-               "tune": {"kimg": 4, "snapshot_kimg": 1, "tick_kimg": 1, "loss": {"double": 15}},
+               "tune": {"kimg": 3.2, "snapshot_kimg": 0.8, "tick_kimg": 0.8, "loss": {"double": 15}},
                "scaling": {"sizes": {"xs": {"model_channels": 8}, "s": {"model_channels": 12},
                                      "m": {"model_channels": 16}},
-                           "budgets_kimg": [1, 2, 3, 4], "samples": 128, "sets": 2},
+                           "budgets_kimg": [0.8, 1.6, 2.4, 3.2], "samples": 128, "sets": 2},
                "fid": {"feature_net": {"epochs": 2}}}
     (repo / "small.yaml").write_text(yaml.safe_dump(overlay))
     run(["snakemake", "scaling", "--configfile", "config/toy-scaling.yaml", "small.yaml"], repo, timeout=1200)
     study = RunLayout(yaml.safe_load((repo / "config/toy-scaling.yaml").read_text()))
     for size in ("xs", "s", "m"):
-        for kimg in ("1", "2", "3", "4"):
+        for kimg in ("0.8", "1.6", "2.4", "3.2"):
             assert (repo / study.scaling_point(size, kimg)).exists() and \
                 (repo / study.log(f"scaling_point-{size}-{kimg}")).exists()
     import csv
@@ -456,7 +456,7 @@ def test_the_toy_scaling_study_scores_every_point_fits_the_laws_and_reports_them
     rows = list(csv.DictReader(open(repo / study.scaling_points)))
     assert len(rows) == 3 * 4 * 2 * 2 and {r["size"] for r in rows} == {"xs", "s", "m"}
     compute = {(r["size"], r["kimg"]): float(r["compute"]) for r in rows}
-    assert compute[("m", "4.0")] > compute[("m", "1.0")] and compute[("m", "4.0")] > compute[("xs", "4.0")]
+    assert compute[("m", "3.2")] > compute[("m", "0.8")] and compute[("m", "3.2")] > compute[("xs", "3.2")]
     for name in ("1step", "2step", "m-2step", "xs-1step"):
         fit = json.loads((repo / study.scaling_fit(name)).read_text())
         assert {"coefficient", "exponent", "exponent_ci95", "r2", "n_points", "holdout"} <= set(fit)
