@@ -71,16 +71,15 @@ def reference(arch: dict, batch: int, device: torch.device, checkout: Path, weig
         torch.cuda.get_rng_state, torch.cuda.set_rng_state = torch.get_rng_state, torch.set_rng_state
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()
               if k not in ("kind", "img_resolution", "img_channels", "sigma_min", "sigma_data", "label_dim")}
-    net = ECMPrecond(img_resolution=arch["img_resolution"], img_channels=arch["img_channels"], label_dim=0,
-                     model_type="SongUNet", embedding_type="positional", encoder_type="standard",
-                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], **kwargs)
-    net.load_state_dict(weights)
-    net.train().requires_grad_(True).to(device)
-    ema = ECMPrecond(img_resolution=arch["img_resolution"], img_channels=arch["img_channels"], label_dim=0,
-                     model_type="SongUNet", embedding_type="positional", encoder_type="standard",
-                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], **kwargs)
-    ema.load_state_dict(weights)
-    ema.eval().requires_grad_(False).to(device)
+    def network():
+        built = ECMPrecond(img_resolution=arch["img_resolution"], img_channels=arch["img_channels"], label_dim=0,
+                           model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                           decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], **kwargs)
+        built.load_state_dict(weights)
+        return built
+
+    net = network().train().requires_grad_(True).to(device)
+    ema = network().eval().requires_grad_(False).to(device)
     loss_fn = ECMLoss()
     loss_fn.update_schedule(STAGE)
     optimizer = torch.optim.RAdam(net.parameters(), lr=1e-4)

@@ -52,9 +52,12 @@ def test_download_urls_must_need_no_shell_quoting(tmp_path):
 
 
 def test_cifar10_presets_agree_on_everything_they_share_under_resources():
-    """Both presets write the same resources/ files (downloads, dataset, Inception reference statistics):
+    """The CIFAR-10 presets write the same resources/ files (downloads, dataset, Inception reference statistics):
     the settings that make those files must be equal, or one preset would use the other's."""
-    a, b = (load_config(ROOT / "config" / f"{name}.yaml") for name in ("cifar10", "cifar10-1hour"))
-    for section in ("dataset", "teacher"):
-        assert a[section] == b[section], section
-    assert a["fid"]["feature_net"] == b["fid"]["feature_net"] and a["fid"]["modes"] == b["fid"]["modes"]
+    names = sorted(p.stem for p in (ROOT / "config").glob("cifar10*.yaml"))
+    assert names == ["cifar10", "cifar10-1hour", "cifar10-scaling"]
+    a, *others = (load_config(ROOT / "config" / f"{name}.yaml") for name in names)
+    for b in others:
+        for section in ("dataset", "teacher"):
+            assert a[section] == b[section], section
+        assert a["fid"]["feature_net"] == b["fid"]["feature_net"] and a["fid"]["modes"] == b["fid"]["modes"]

@@ -234,7 +234,7 @@ def test_dvc_repro_runs_the_pipeline_and_single_stages(tmp_path):
     out = run(["dvc", "repro", "-f", "-s", "fid_curve"], repo).stdout
     assert re.findall(r"Running stage '([^']+)'", out) == ["fid_curve"]
     changed = {k for k, v in _mtimes(repo).items() if before.get(k) != v}
-    assert changed == {TOY.curve}
+    assert changed == {TOY.curve, TOY.curve_table}
 
 
 def test_a_killed_step_leaves_no_output_and_a_failed_report_keeps_the_old_one(toy_run, tmp_path, monkeypatch):
@@ -301,11 +301,16 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
             "fid": {"feature_net": {"url": f"{server.url}/inception-2015-12-05.pt"}, "curve_samples": 8},
             "resources": {"default": {"threads": 2}, "tune": {"threads": 2}},
         }
-        stages_per_preset = {"cifar10": {"tune": {"loss": {"double": 2}}}, "cifar10-1hour": {}}  # 1 hour: never advances
+        # every CIFAR-10 preset (they share the downloads); the 1-hour one never advances its stage; the scaling
+        # study's budget points are the shrunk run's snapshots
+        stages_per_preset = {"cifar10": {"tune": {"loss": {"double": 2}}}, "cifar10-1hour": {},
+                             "cifar10-scaling": {"tune": {"loss": {"double": 2}, "snapshot_kimg": 0.016},
+                                                 "scaling": {"budgets_kimg": [0.032, 0.048, 0.064], "samples": 8}}}
         for preset, stages in stages_per_preset.items():
             path = repo / "config" / f"{preset}.yaml"
             path.write_text(yaml.safe_dump(merge(merge(yaml.safe_load(path.read_text()), overlay), stages), sort_keys=False))
-        run(["make", "dvc"], repo)  # the DVC files follow the presets: their URLs and checksums are in the commands
+        # the DVC files follow the presets: their URLs and checksums are in the commands
+        run([sys.executable, "workflow/generate_dvc.py"], repo)
         run(["snakemake", "prefetch", "--configfile", "config/cifar10.yaml"], repo)
         assert server.requests and {p for p, _ in server.requests} == {f"/{n}" for n in files}
     for name, blob in [("downloads/cifar-10-python.tar.gz", tarball), ("teachers/edm-cifar10-32x32-uncond-vp.pkl", teacher),
@@ -326,7 +331,7 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     assert "3.86" in page and "2.15" in page and "not comparable" not in page  # the paper's numbers, side by side
     assert "legacy_tensorflow" in page and hashlib.sha256(teacher).hexdigest() in page
     assert "pinned in the preset" in page and "recorded on first use" in page  # how each download was checked
-    assert "The paper&#39;s claims" in page and "against the paper" in page  # a verdict per paper number
+    assert "The paper's claims" in page and "against the paper" in page  # a verdict per paper number
     assert "Nothing to be done" in run(["snakemake", "--configfile", "config/cifar10.yaml", "-n"], repo).stdout
 
     # the other preset reuses the downloads, the dataset and the reference statistics as they are
