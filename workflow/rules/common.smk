@@ -103,22 +103,16 @@ def checkpoint_of(wildcards):
 
 def gpu_hours():
     """Requested GPU-hours of each GPU rule = jobs x GPUs x runtime limit (an upper bound, for planning)."""
+    models = len(L.scaling["sizes"]) if L.scaling else 1  # a scaling study trains a model per size
+    jobs = {"fid_reference": 1, "pretrain": models, "tune": models}
     if L.scaling:
-        sizes = len(L.scaling["sizes"])
-        jobs = {
-            "pretrain": sizes,
-            "teacher": sizes,
-            "tune": sizes,
-            "scaling_point": sizes * len(L.scaling["budgets_kimg"]),
-        }
+        jobs["scaling_point"] = models * len(L.scaling["budgets_kimg"])
     else:
-        jobs = {"sample": len(SAMPLE_SETS), "fid": len(SAMPLE_SETS), "fid_curve": 1}
-    jobs.update(fid_reference=1, tune=jobs.get("tune", 1))
+        jobs.update(sample=len(SAMPLE_SETS), fid=len(SAMPLE_SETS), fid_curve=1)
     rows = []
-    for rule_name in jobs:
+    for rule_name, n in jobs.items():
         res = resources_of(rule_name)
         if res.get("gpu"):
-            n = jobs.get(rule_name, 1)
             rows.append((rule_name, n, res["gpu"], res["runtime"], n * res["gpu"] * res["runtime"] / 60))
     return rows
 
