@@ -112,7 +112,8 @@ def run_convert_edm(args) -> int:
 def run_prepare_data(args) -> int:
     from ect.data import prepare_dataset, save_dataset
 
-    images, labels = prepare_dataset(args.source, args.resolution, args.archive)
+    images, labels = prepare_dataset(args.source, args.resolution, args.archive, args.expect_count,
+                                     progress=not args.no_progress)
     digest = save_dataset(args.out, images, labels)
     say(f"wrote {len(images)} images {images.shape[1:]} to {args.out} (content sha256 {digest})")
     return 0
@@ -144,7 +145,7 @@ def run_train(args) -> int:
 
 
 SAMPLE_FLAGS = {"seeds": "0-63", "sampler": "consistency", "steps": 1, "t_mid": [0.821], "heun_steps": 18,
-                "batch": 256}
+                "batch": 256, "class_labels": "dataset"}
 
 
 def sample_settings(args) -> dict:
@@ -167,7 +168,7 @@ def run_sample(args) -> int:
     from ect.sample import sample_to_files
 
     settings = sample_settings(args)
-    meta = sample_to_files(args.checkpoint, args.out, settings, grid=args.grid, set_name=args.set,
+    meta = sample_to_files(args.checkpoint, args.out, settings, grid=args.grid, set_name=args.set, dataset=args.dataset,
                            device=setup_device(args), progress=not args.no_progress)
     say(f"wrote samples of seeds {settings['seeds']} ({meta['nfe']} NFE) to {args.out}")
     return 0
@@ -176,8 +177,8 @@ def run_sample(args) -> int:
 def run_merge_samples(args) -> int:
     from ect.sample import merge_samples, save_samples
 
-    images, seeds, meta = merge_samples(args.inputs)
-    save_samples(args.out, images, seeds, meta)
+    images, seeds, meta, labels = merge_samples(args.inputs)
+    save_samples(args.out, images, seeds, meta, labels)
     say(f"wrote {len(images)} samples to {args.out}")
     return 0
 
@@ -223,7 +224,7 @@ def run_fid_curve(args) -> int:
     from ect.fileio import write_json_atomic, write_text_atomic
 
     curve = fid_curve(load_config(*args.config), args.snapshots, args.ref, args.feature_net, setup_device(args),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, dataset=args.dataset)
     write_json_atomic(args.out, curve)
     if args.table:
         write_text_atomic(args.table, curve_table(curve))
@@ -245,7 +246,7 @@ def run_scaling_point(args) -> int:
     from ect.fileio import write_json_atomic
 
     point = scaling_point(load_config(*args.config), args.snapshots, args.kimg, args.size, args.ref, args.feature_net,
-                          setup_device(args))
+                          setup_device(args), dataset=args.dataset)
     write_json_atomic(args.out, point)
     say(f"size {args.size} at {args.kimg:g} kimg: " + ", ".join(
         f"{k[4:]} FID {sum(v) / len(v):.3f}" for k, v in point.items() if k.startswith("fid_")) + f" -> {args.out}")
@@ -307,8 +308,12 @@ def _prepare_data_args(p):
     p.add_argument("--source", required=True, choices=SOURCES, help="which dataset (config: dataset.source)")
     p.add_argument("--resolution", required=True, type=positive_int,
                    help="image size in pixels (config: dataset.resolution)")
-    p.add_argument("--archive", help="the downloaded archive (cifar10: cifar-10-python.tar.gz from 'ect fetch')")
+    p.add_argument("--archive", help="the source: cifar10, cifar-10-python.tar.gz from 'ect fetch'; imagenet, the "
+                                     "ILSVRC2012 training folder (or its tar) or EDM2's prepared dataset zip")
+    p.add_argument("--expect-count", type=positive_int,
+                   help="imagenet: refuse a source with any other number of images (config: dataset.expected_count)")
     p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _fetch_args(p):
@@ -346,7 +351,16 @@ def _sample_args(p):
                                                           "(default 0.821)")
     p.add_argument("--heun-steps", type=positive_int, help="Heun steps, at least 2 (default 18 -> 35 evaluations)")
     p.add_argument("--batch", type=positive_int, help="default 256")
+    p.add_argument("--class-labels", choices=["dataset", "uniform"],
+                   help="class-conditional models: each seed's class drawn with the training set's class "
+                        "frequencies (default; needs --dataset) or uniformly")
+    dataset_arg(p)
     device_args(p)
+
+
+def dataset_arg(p):
+    p.add_argument("--dataset", help="the training dataset (.npz): class-conditional models draw their labels "
+                                     "from its class frequencies; ignored for unconditional ones")
 
 
 def _merge_samples_args(p):
@@ -389,6 +403,7 @@ def _fid_curve_args(p):
     feature_args(p)
     p.add_argument("--table", help="also the curve as CSV (a row per snapshot: kimg, elapsed_s, device_hours, "
                                    "flops, FIDs), for DVC plots")
+    dataset_arg(p)
     device_args(p)
 
 
@@ -405,6 +420,7 @@ def _scaling_point_args(p):
     p.add_argument("--size", required=True, help="the size's name (scaling.sizes)")
     p.add_argument("--kimg", required=True, type=float, help="the budget point: the snapshot at this many kimg")
     feature_args(p)
+    dataset_arg(p)
     device_args(p)
 
 
@@ -434,8 +450,10 @@ STEPS = [
     Step("prepare-data", "write a dataset in our format (uint8 NHWC .npz + content hash)",
          "Write a dataset in our on-disk format. 'digits': scikit-learn's bundled 8x8 handwritten digits (real images, "
          "no download) upsampled by pixel replication to --resolution. 'cifar10': the 50,000 training images of the "
-         "official python tarball (--archive), in EDM's order, at 32x32. The content hash covers the pixels and labels "
-         "only, not the archive's timestamps.", _prepare_data_args, run_prepare_data),
+         "official python tarball (--archive), in EDM's order, at 32x32. 'imagenet': a local ILSVRC2012 training set "
+         "(--archive: the folder of synset folders, its tar, or EDM2's prepared zip), brought to --resolution with "
+         "EDM2's center-crop-dhariwal transform, labelled by sorted synset. The content hash covers the pixels and "
+         "labels only, not the archive's timestamps.", _prepare_data_args, run_prepare_data),
     Step("fetch", "download a file, checksum-verified and resumable",
          "Download an http(s) URL to --out and verify it before renaming it into place: against --md5/--sha256, or "
          "trust on first use with --record (the first fetch records the sha256, every later one is verified "

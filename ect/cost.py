@@ -38,11 +38,12 @@ def iteration_flops(arch: dict, objective: str, micro_batch: int, batch: int, sh
     with torch.device("meta"):
         net = build_network(arch).train()
         x, sigma = torch.zeros(micro_batch, *shape), torch.ones(micro_batch)
+        labels = torch.zeros(micro_batch, arch["label_dim"]) if arch.get("label_dim") else None
     with FlopCounterMode(display=False) as counter:
-        net(x, sigma).sum().backward()  # the student
+        net(x, sigma, class_labels=labels).sum().backward()  # the student
         if objective == "ect":
             with torch.no_grad():
-                net(x, sigma)  # the target
+                net(x, sigma, class_labels=labels)  # the target
     return counter.get_total_flops() * (batch // micro_batch)
 
 

@@ -231,24 +231,26 @@ COST_KEYS = ("kimg", "elapsed_s", "device_hours", "flops")  # of a snapshot, fro
 CURVE_COLUMNS = ("snapshot", *COST_KEYS)
 
 
-def score_snapshot(path, config: dict, reference, extractor, sets: int, samples: int, device) -> dict:
+def score_snapshot(path, config: dict, reference, extractor, sets: int, samples: int, device, dataset=None) -> dict:
     """A snapshot's cost (from its meta) and its FID sets at each of fid.curve_steps consistency steps,
-    drawing seeds 0 .. sets * samples - 1 (``reference``: the headline mode's mean and covariance)."""
+    drawing seeds 0 .. sets * samples - 1 (``reference``: the headline mode's mean and covariance;
+    ``dataset``: where a class-conditional model's labels come from)."""
     from ect.checkpoint import load_network, read_checkpoint
-    from ect.sample import generate
+    from ect.sample import generate, labels_for
 
     net = load_network(path, device=device)
     meta = read_checkpoint(path)["meta"]
     point = {"snapshot": Path(path).name, **{k: meta.get(k) for k in COST_KEYS}}
     seeds, batch = list(range(sets * samples)), config["sample"]["batch"]
+    labels = labels_for(net, seeds, config["sample"].get("class_labels", "dataset"), dataset)
     for steps in config["fid"]["curve_steps"]:
         images = generate(net, seeds, steps=steps, t_mids=config["sample"]["t_mid"], batch=batch, device=device,
-                          progress=False)
+                          progress=False, labels=labels)
         point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, extractor, batch), *reference, sets)
     return point
 
 
-def fid_curve(config: dict, snapshot_dir, ref_path, feature_net, device, progress: bool = False) -> dict:
+def fid_curve(config: dict, snapshot_dir, ref_path, feature_net, device, progress: bool = False, dataset=None) -> dict:
     """FID (headline mode, fid.curve_steps steps, seeds 0..fid.curve_samples-1) of every snapshot in a
     directory: FID against training budget."""
     from tqdm import tqdm
@@ -260,14 +262,15 @@ def fid_curve(config: dict, snapshot_dir, ref_path, feature_net, device, progres
         raise FIDError(f"no snapshots (*.pt) in {snapshot_dir}")
     points = []
     for path in tqdm(snapshots, desc="snapshots", disable=not progress):
-        point = score_snapshot(path, config, ref[mode], ex[mode], 1, config["fid"]["curve_samples"], device)
+        point = score_snapshot(path, config, ref[mode], ex[mode], 1, config["fid"]["curve_samples"], device, dataset)
         points.append({k: v[0] if k.startswith("fid_") else v for k, v in point.items()})
         if progress:
             print(json.dumps(points[-1]), flush=True)
     return {"samples": config["fid"]["curve_samples"], "mode": mode, "feature_net_sha256": digest, "points": points}
 
 
-def scaling_point(config: dict, snapshot_dir, kimg: float, size: str, ref_path, feature_net, device) -> dict:
+def scaling_point(config: dict, snapshot_dir, kimg: float, size: str, ref_path, feature_net, device,
+                  dataset=None) -> dict:
     """One point of a scaling study: the snapshot of a size's tuning run at ``kimg``, scored with
     scaling.sets sets of scaling.samples at each of fid.curve_steps steps."""
     from ect.train import snapshot_name
@@ -279,7 +282,7 @@ def scaling_point(config: dict, snapshot_dir, kimg: float, size: str, ref_path, 
         raise FIDError(f"no snapshot at {kimg:g} kimg in {snapshot_dir} ({path.name}): scaling.budgets_kimg must be "
                        "multiples of tune.snapshot_kimg")
     sets, samples = config["scaling"]["sets"], config["scaling"]["samples"]
-    point = score_snapshot(path, config, ref[mode], ex[mode], sets, samples, device)
+    point = score_snapshot(path, config, ref[mode], ex[mode], sets, samples, device, dataset)
     return {"size": size, **point, "mode": mode, "sets": sets, "samples": samples, "feature_net_sha256": digest}
 
 

@@ -34,7 +34,7 @@ SAMPLE_SETS = {
     # the teacher used as a 1-step model: what ECT improves on
     "teacher-1step": SampleSet("teacher", "consistency", 1, "Teacher as a 1-step model"),
     # the teacher's own sampler: the diffusion baseline
-    "teacher-heun": SampleSet("teacher", "heun", 0, "Teacher, EDM Heun sampler"),
+    "teacher-heun": SampleSet("teacher", "heun", 0, "Teacher, EDM Heun sampler", "fid_teacher_heun"),
     "ect-1step": SampleSet("tuned", "consistency", 1, "ECT, 1 step", "fid_1step"),
     "ect-2step": SampleSet("tuned", "consistency", 2, "ECT, 2 steps", "fid_2step"),
 }
@@ -49,8 +49,9 @@ STEP_READS = {
     "tune": ("tune",),
     "sample": ("sample",),
     "fid": ("sample.sets", "fid.modes"),
-    "fid_curve": ("fid", "sample.t_mid"),
-    "scaling_point": ("scaling.samples", "scaling.sets", "sample.t_mid", "fid.curve_steps", "fid.modes"),
+    "fid_curve": ("fid", "sample.t_mid", "sample.class_labels"),
+    "scaling_point": ("scaling.samples", "scaling.sets", "sample.t_mid", "sample.class_labels", "fid.curve_steps",
+                      "fid.modes"),
     "report": ("",),
 }
 TRAINING_SECTIONS = ("pretrain", "tune")
@@ -67,16 +68,20 @@ def lookup(config: dict, key: str):
 def step_settings(config: dict, step: str, wildcards: dict | None = None) -> dict[str, object]:
     """The values a step reads, by key. A training section leaves out CADENCE_KEYS (when to save and
     log): changing them reruns nothing, and a run in progress resumes under the new values. A key with a
-    ``{wildcard}`` is the job's (a scaling study's size); a key whose section the config lacks is skipped."""
+    ``{wildcard}`` is the job's (a scaling study's size); a key the config lacks (an optional section or
+    value) is skipped."""
     out = {}
     for key in STEP_READS.get(step, ()):
         if key and key.split(".")[0] not in config:
             continue
         key = key.format(**(wildcards or {}))
         if key in TRAINING_SECTIONS:
-            out.update({f"{key}.{k}": v for k, v in config[key].items() if k not in CADENCE_KEYS})
-        else:
+            out.update({f"{key}.{k}": v for k, v in config.get(key, {}).items() if k not in CADENCE_KEYS})
+            continue
+        try:
             out[key] = lookup(config, key)
+        except KeyError:
+            continue
     return out
 
 
@@ -96,6 +101,8 @@ class RunLayout:
         self.dataset = f"resources/datasets/{dataset['source']}-{dataset['resolution']}/dataset.npz"
         self.dataset_archive = (f"resources/downloads/{posixpath.basename(dataset['url'])}"
                                 if dataset.get("url") else None)
+        # A class-conditional run (sample.class_labels set) draws its sampling labels from the dataset's.
+        self.labels_source = [self.dataset] if "class_labels" in config["sample"] else []
         self.teacher_pickle = (f"resources/teachers/{posixpath.basename(teacher['url'])}"
                                if teacher["source"] == "edm" else None)
         if feature_net["kind"] == "inception":  # a download; its statistics serve every run on the dataset

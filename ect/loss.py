@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ect.networks_edm2 import forced_weight_norm
+
 
 @dataclass(frozen=True)
 class ECTLossConfig:
@@ -80,7 +82,9 @@ def ect_loss(net, target_net, y, t_normal, eps, stage: int, cfg: ECTLossConfig, 
 
     ``net`` is the (possibly DDP-wrapped) student, in train mode; ``target_net`` the same weights
     unwrapped, used under no_grad. Both passes see identical dropout masks: the RNG is rewound
-    after the student pass, so the target pass draws the same masks. Returns (loss [B], r [B]).
+    after the student pass, so the target pass draws the same masks. An EDM2 network's forced weight
+    normalisation is off in the target pass: the student's graph holds the weights it normalised, and
+    the target must see those same weights, not a second normalisation. Returns (loss [B], r [B]).
     """
     t = sample_t(t_normal, cfg)
     r = t_to_r(t, stage, cfg)
@@ -90,7 +94,7 @@ def ect_loss(net, target_net, y, t_normal, eps, stage: int, cfg: ECTLossConfig, 
     live = r.flatten() > 0
     d_r = y  # r = 0: the target is the clean image (and the target pass is skipped if r = 0 everywhere)
     if live.any():
-        with torch.no_grad():
+        with torch.no_grad(), forced_weight_norm(target_net, False):
             # r is clamped only to keep ln(r) finite for the r = 0 rows, which are replaced by y.
             d_r = torch.nan_to_num(target_net(x_r, r.flatten().clamp(min=1e-12), class_labels=class_labels))
         d_r = torch.where(live.reshape(-1, 1, 1, 1), d_r, y)
@@ -105,9 +109,14 @@ class EDMLossConfig:
     sigma_data: float = 0.5
 
 
-def edm_loss(net, y, sigma_normal, eps, cfg: EDMLossConfig, class_labels=None):
-    """EDM's denoising loss: λ(σ)·‖D(y + σε, σ) − y‖² with λ = (σ² + σ_d²)/(σ·σ_d)², per sample."""
+def edm_loss(net, y, sigma_normal, eps, cfg: EDMLossConfig, class_labels=None, uncertainty: bool = False):
+    """EDM's denoising loss: λ(σ)·‖D(y + σε, σ) − y‖² with λ = (σ² + σ_d²)/(σ·σ_d)², per sample (mean
+    over pixels). ``uncertainty``: EDM2's form for a network with a log-variance head u(σ):
+    λ/e^u·(D − y)² + u, which learns to even out the loss across noise levels."""
     sigma = sample_t(sigma_normal, cfg)
     weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
-    d = net(y + sigma * eps, sigma.flatten(), class_labels=class_labels)
-    return (weight * (d - y).square()).flatten(1).mean(dim=1)
+    if not uncertainty:
+        d = net(y + sigma * eps, sigma.flatten(), class_labels=class_labels)
+        return (weight * (d - y).square()).flatten(1).mean(dim=1)
+    d, logvar = net(y + sigma * eps, sigma.flatten(), class_labels=class_labels, return_logvar=True)
+    return (weight / logvar.exp() * (d - y).square() + logvar).flatten(1).mean(dim=1)

@@ -281,13 +281,18 @@ def _list_of(check, max_len, min_len=0):
             f"a list of {min_len}-{max_len} items, each {what}")
 
 
-ARCH_CHECKS = {
+def _optional(check):
+    ok, what = check
+    return (lambda v: v is None or ok(v)), f"null or {what}"
+
+
+ARCH_CHECKS = {  # EDM's SongUNet behind the 'edm' or 'ect' preconditioning
     "kind": (lambda v: v in ("edm", "ect"), "'edm' or 'ect'"),
     "img_resolution": _int_in(4, 1024),
     "img_channels": _int_in(1, 4),
     "label_dim": _int_in(0, 100_000),
     "sigma_data": _number_in(1e-6, 1e3),
-    "sigma_min": (lambda v: v is None or _number_in(0, 1e3)[0](v), "null or a finite number in [0, 1000]"),
+    "sigma_min": _optional(_number_in(0, 1e3)),
     "augment_dim": _int_in(0, 64),
     "model_channels": _int_in(1, 1024),
     "channel_mult": _list_of(_int_in(1, 16), 8, 1),
@@ -299,16 +304,34 @@ ARCH_CHECKS = {
     "channel_mult_noise": _int_in(1, 16),
     "resample_filter": _list_of(_number_in(-1e3, 1e3), 8, 1),
 }
+EDM2_ARCH_CHECKS = {  # EDM2's magnitude-preserving U-Net (ect/networks_edm2.py)
+    "kind": (lambda v: v == "edm2", "'edm2'"),
+    **{key: ARCH_CHECKS[key] for key in ("img_resolution", "img_channels", "label_dim", "sigma_data",
+                                         "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
+                                         "dropout", "resample_filter")},
+    "use_fp16": (lambda v: isinstance(v, bool), "true or false"),
+    "logvar_channels": _int_in(0, 1024),
+    "channel_mult_noise": _optional(_int_in(1, 16)),
+    "channel_mult_emb": _optional(_int_in(1, 16)),
+    "label_balance": _number_in(0, 1),
+    "concat_balance": _number_in(0, 1),
+    "res_balance": _number_in(0, 1),
+    "attn_balance": _number_in(0, 1),
+    "clip_act": _optional(_number_in(1e-3, 1e6)),
+    "channels_per_head": _int_in(1, 4096),
+    "dropout_res": _optional(_int_in(1, 1024)),
+}
 
 
 def check_arch(arch: dict) -> dict:
-    """Raise :class:`ArchError` naming the first key whose value no EDM network has; return ``arch``."""
+    """Raise :class:`ArchError` naming the first key whose value no EDM/EDM2 network has; return ``arch``."""
     if not isinstance(arch, dict):
         raise ArchError(f"network kwargs must be a mapping, not a {type(arch).__name__}")
+    checks = EDM2_ARCH_CHECKS if arch.get("kind") == "edm2" else ARCH_CHECKS
     for key, value in arch.items():
-        if key not in ARCH_CHECKS:
-            raise ArchError(f"unknown network option {str(key)[:80]!r}; known: {', '.join(ARCH_CHECKS)}")
-        ok, what = ARCH_CHECKS[key]
+        if key not in checks:
+            raise ArchError(f"unknown network option {str(key)[:80]!r}; known: {', '.join(checks)}")
+        ok, what = checks[key]
         if not ok(value):
             raise ArchError(f"network option {key} must be {what}")
     levels = len(arch.get("channel_mult", (1, 2, 2, 2)))
@@ -317,13 +340,28 @@ def check_arch(arch: dict) -> dict:
     return arch
 
 
-def build_network(arch: dict) -> Precond:
-    """Build a preconditioned network from the plain ``arch`` kwargs stored in our checkpoints."""
+def build_network(arch: dict) -> nn.Module:
+    """Build a preconditioned network from the plain ``arch`` kwargs stored in our checkpoints: EDM's
+    SongUNet (kind 'edm' or 'ect') or EDM2's U-Net (kind 'edm2')."""
     arch = dict(check_arch(arch))
     for key in ("channel_mult", "attn_resolutions", "resample_filter"):
         if key in arch:
             arch[key] = tuple(arch[key])
+    if arch.get("kind") == "edm2":
+        from ect.networks_edm2 import EDM2Precond
+
+        del arch["kind"]
+        return EDM2Precond(**arch)
     return Precond(**arch)
+
+
+def student_arch(teacher_arch: dict, overrides: dict) -> dict:
+    """The ECT student's kwargs: the teacher's with ECT's preconditioning, then the config's overrides.
+    EDM teachers: ECT's boundary-condition preconditioning, no augmentation input. EDM2 teachers: the same
+    network without the log-variance head (ECT's ImageNet student has none); its scalings stay EDM2's."""
+    if teacher_arch.get("kind") == "edm2":
+        return {**teacher_arch, "logvar_channels": 0, "use_fp16": False, **overrides}  # ECT trains in float32
+    return {**teacher_arch, "kind": "ect", "sigma_min": None, "augment_dim": 0, **overrides}
 
 
 def parameter_shapes(arch: dict) -> dict[str, tuple[int, ...]]:

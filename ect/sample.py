@@ -1,7 +1,8 @@
 """Samplers: few-step consistency sampling (ECT) and EDM's deterministic Heun sampler (teacher).
 
 Each image's randomness comes from its own generator seeded by its index ("seed"), so any subset
-of seeds is reproducible on its own, and sampling can be split across jobs and merged.
+of seeds is reproducible on its own, and sampling can be split across jobs and merged. A
+class-conditional model's label for a seed is drawn from that seed's own generator too.
 Arithmetic in float64 as the reference does (docs/method.md, "Sampling").
 """
 from __future__ import annotations
@@ -54,18 +55,42 @@ class SeededNoise:
         return torch.stack([torch.randn(self.shape, generator=g, dtype=torch.float64) for g in self.gens]).to(self.device)
 
 
-def _denoise(net, x, sigma) -> torch.Tensor:
-    return net(x, torch.full([x.shape[0]], float(sigma), device=x.device)).to(torch.float64)
+LABEL_SAMPLING = ("dataset", "uniform")  # sample.class_labels
+LABEL_STREAM = 0x1ABE1  # keeps a seed's label draw apart from its noise stream
+
+
+def class_labels(seeds, label_dim: int, how: str = "dataset", dataset_labels: np.ndarray | None = None) -> np.ndarray:
+    """One class per seed, from the seed's own generator: the label of a uniformly drawn training image
+    ('dataset': the training set's class frequencies, ECT's protocol) or a uniform class ('uniform', EDM2's)."""
+    if how not in LABEL_SAMPLING:
+        raise SamplingError(f"class labels are drawn by 'dataset' or 'uniform', not {how!r}")
+    if how == "dataset":
+        if dataset_labels is None or len(dataset_labels) == 0:
+            raise SamplingError("drawing class labels from the training set's frequencies needs the dataset "
+                                "(--dataset)")
+        if int(dataset_labels.max()) >= label_dim:
+            raise SamplingError(f"the dataset has label {int(dataset_labels.max())}, the network only {label_dim} "
+                                "classes")
+    gens = (np.random.default_rng([int(s), LABEL_STREAM]) for s in seeds)
+    if how == "uniform":
+        return np.fromiter((g.integers(label_dim) for g in gens), np.int64, len(seeds))
+    return np.fromiter((dataset_labels[g.integers(len(dataset_labels))] for g in gens), np.int64, len(seeds))
+
+
+def _denoise(net, x, sigma, labels=None) -> torch.Tensor:
+    sigma = torch.full([x.shape[0]], float(sigma), device=x.device)
+    return (net(x, sigma) if labels is None else net(x, sigma, class_labels=labels)).to(torch.float64)
 
 
 @torch.no_grad()
-def consistency_sampler(net, noise: SeededNoise, t_mids=(0.821,), steps: int = 1) -> torch.Tensor:
-    """1 step: x = D(80·z, 80). n steps: then x = D(x + t·ε, t) for t in t_mids[:n−1]; noise std exactly t."""
+def consistency_sampler(net, noise: SeededNoise, t_mids=(0.821,), steps: int = 1, labels=None) -> torch.Tensor:
+    """1 step: x = D(80·z, 80). n steps: then x = D(x + t·ε, t) for t in t_mids[:n−1]; noise std exactly t.
+    ``labels``: one-hot class labels of a conditional model."""
     if steps < 1 or steps - 1 > len(t_mids):
         raise ValueError(f"{steps} steps need {steps - 1} intermediate times, got {list(t_mids)}")
-    x = _denoise(net, noise.next() * T_MAX, T_MAX)
+    x = _denoise(net, noise.next() * T_MAX, T_MAX, labels)
     for t in t_mids[: steps - 1]:
-        x = _denoise(net, x + t * noise.next(), t)
+        x = _denoise(net, x + t * noise.next(), t, labels)
     return x
 
 
@@ -76,15 +101,16 @@ def heun_sigmas(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch
 
 
 @torch.no_grad()
-def heun_sampler(net, noise: SeededNoise, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:
+def heun_sampler(net, noise: SeededNoise, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                 labels=None) -> torch.Tensor:
     """EDM's deterministic 2nd-order sampler (no churn): 2·num_steps − 1 network evaluations."""
     t = heun_sigmas(num_steps, sigma_min, sigma_max, rho)
     x = noise.next() * t[0]
     for i in range(num_steps):
-        d = (x - _denoise(net, x, t[i])) / t[i]
+        d = (x - _denoise(net, x, t[i], labels)) / t[i]
         x_next = x + (t[i + 1] - t[i]) * d
         if i < num_steps - 1:
-            d_next = (x_next - _denoise(net, x_next, t[i + 1])) / t[i + 1]
+            d_next = (x_next - _denoise(net, x_next, t[i + 1], labels)) / t[i + 1]
             x_next = x + (t[i + 1] - t[i]) * (d + d_next) / 2
         x = x_next
     return x
@@ -117,18 +143,22 @@ def check_sampler_settings(sampler: str, steps: int, t_mids, heun_steps: int, ba
 
 
 def generate(net, seeds, sampler: str = "consistency", steps: int = 1, t_mids=(0.821,), heun_steps: int = 18,
-             batch: int = 256, device="cpu", progress: bool = True) -> np.ndarray:
-    if getattr(net, "label_dim", 0):
-        raise ValueError("class-conditional sampling is not implemented yet (label_dim > 0)")
+             batch: int = 256, device="cpu", progress: bool = True, labels: np.ndarray | None = None) -> np.ndarray:
+    """Images (uint8 NHWC) for ``seeds``; a class-conditional network needs ``labels`` (one class per seed)."""
+    label_dim = getattr(net, "label_dim", 0)
+    if label_dim and (labels is None or len(labels) != len(seeds)):
+        raise SamplingError(f"the network is class-conditional ({label_dim} classes): it needs one label per seed")
     check_sampler_settings(sampler, steps, t_mids, heun_steps, batch)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     out = []
     for lo in tqdm(range(0, len(seeds), batch), desc=f"sample {sampler}", unit="batch", disable=not progress):
         noise = SeededNoise(seeds[lo: lo + batch], shape, device)
+        onehot = (torch.nn.functional.one_hot(torch.as_tensor(labels[lo: lo + batch]), label_dim).to(device)
+                  if label_dim else None)
         if sampler == "consistency":
-            x = consistency_sampler(net, noise, t_mids, steps)
+            x = consistency_sampler(net, noise, t_mids, steps, onehot)
         elif sampler == "heun":
-            x = heun_sampler(net, noise, heun_steps)
+            x = heun_sampler(net, noise, heun_steps, labels=onehot)
         else:
             raise ValueError(f"sampler must be 'consistency' or 'heun', not {sampler!r}")
         if not torch.isfinite(x).all():
@@ -146,17 +176,33 @@ def set_settings(config: dict, name: str) -> dict:
     cfg, sample_set = config["sample"], SAMPLE_SETS[name]
     return {"seeds": f"0-{cfg['sets'] * cfg['samples_per_set'] - 1}", "sampler": sample_set.sampler,
             "steps": max(sample_set.steps, 1), "t_mid": cfg["t_mid"], "heun_steps": cfg["heun_steps"],
-            "batch": cfg["batch"]}
+            "batch": cfg["batch"], "class_labels": cfg.get("class_labels", "dataset")}
 
 
 def nfe(sampler: str, steps: int, heun_steps: int = 18) -> int:
     return steps if sampler == "consistency" else 2 * heun_steps - 1
 
 
-def save_samples(path, images: np.ndarray, seeds, meta: dict) -> None:
+def save_samples(path, images: np.ndarray, seeds, meta: dict, labels: np.ndarray | None = None) -> None:
+    """The samples file: images, their seeds, the meta (JSON) and, class-conditional, each image's class."""
     buf = io.BytesIO()
-    np.savez(buf, images=images, seeds=np.asarray(seeds, dtype=np.int64), meta=np.array(json.dumps(meta, sort_keys=True)))
+    extra = {} if labels is None else {"labels": np.asarray(labels, dtype=np.int64)}
+    np.savez(buf, images=images, seeds=np.asarray(seeds, dtype=np.int64), meta=np.array(json.dumps(meta, sort_keys=True)),
+             **extra)
     write_bytes_atomic(path, buf.getvalue())
+
+
+def load_sample_labels(path, count: int) -> np.ndarray | None:
+    """The class of each of a samples file's ``count`` images, or None for an unconditional model."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            labels = f["labels"] if "labels" in f.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SamplingError(f"cannot read samples {path}: {exc}") from exc
+    if labels is not None and (labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer)
+                               or (count and labels.min() < 0)):
+        raise SamplingError(f"{path}: labels must be {count} non-negative integers, not {labels.dtype} {labels.shape}")
+    return labels
 
 
 def load_samples(path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -190,12 +236,16 @@ def merge_samples(paths) -> tuple[np.ndarray, np.ndarray, dict]:
     metas = {json.dumps(m, sort_keys=True) for _, _, m in parts}
     if len(metas) > 1:
         raise ValueError("sample files come from different models or samplers; refusing to merge")
+    labels = [load_sample_labels(p, len(part[0])) for p, part in zip(paths, parts, strict=True)]
+    if len({lab is None for lab in labels}) > 1:
+        raise ValueError("some sample files have class labels and some do not; refusing to merge")
     images = np.concatenate([p[0] for p in parts])
     seeds = np.concatenate([p[1] for p in parts])
     if len(np.unique(seeds)) != len(seeds):
         raise ValueError("sample files overlap: some seeds appear twice")
     order = np.argsort(seeds, kind="stable")
-    return images[order], seeds[order], parts[0][2]
+    merged_labels = None if labels[0] is None else np.concatenate(labels)[order]
+    return images[order], seeds[order], parts[0][2], merged_labels
 
 
 def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64, gap: int = 1) -> None:
@@ -221,10 +271,25 @@ def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64, ga
     write_bytes_atomic(path, buf.getvalue())
 
 
+def labels_for(net, seeds, how: str = "dataset", dataset=None) -> np.ndarray | None:
+    """The class of each seed for a class-conditional network (None for an unconditional one); 'dataset'
+    reads the training set's labels from ``dataset`` (our .npz)."""
+    label_dim = getattr(net, "label_dim", 0)
+    if not label_dim:
+        return None
+    dataset_labels = None
+    if how == "dataset" and dataset is not None:
+        from ect.data import load_labels
+
+        dataset_labels = load_labels(dataset)
+    return class_labels(seeds, label_dim, how, dataset_labels)
+
+
 def sample_to_files(checkpoint, out, settings: dict, grid=None, set_name: str | None = None, device="cpu",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, dataset=None) -> dict:
     """Draw ``settings["seeds"]`` from a checkpoint and write the samples file (and a PNG grid); returns
-    the samples' meta. Settings: seeds, sampler, steps, t_mid, heun_steps, batch."""
+    the samples' meta. Settings: seeds, sampler, steps, t_mid, heun_steps, batch, class_labels (how a
+    class-conditional model's labels are drawn; 'dataset' needs ``dataset``)."""
     from ect.checkpoint import load_network
     from ect.fileio import sha256_file
 
@@ -232,14 +297,29 @@ def sample_to_files(checkpoint, out, settings: dict, grid=None, set_name: str | 
     sampler, steps, heun_steps = settings["sampler"], settings["steps"], settings["heun_steps"]
     check_sampler_settings(sampler, steps, settings["t_mid"], heun_steps, settings["batch"])
     net = load_network(checkpoint, device=device)
+    how = settings.get("class_labels", "dataset")
+    labels = labels_for(net, seeds, how, dataset)
     images = generate(net, seeds, sampler=sampler, steps=steps, t_mids=settings["t_mid"], heun_steps=heun_steps,
-                      batch=settings["batch"], device=device, progress=progress)
+                      batch=settings["batch"], device=device, progress=progress, labels=labels)
     meta = {"checkpoint_sha256": sha256_file(checkpoint), "sampler": sampler,
             "steps": steps if sampler == "consistency" else heun_steps, "nfe": nfe(sampler, steps, heun_steps),
             "t_mid": list(settings["t_mid"][: steps - 1]) if sampler == "consistency" else []}
     if set_name:
         meta["set"] = set_name
-    save_samples(out, images, seeds, meta)
+    if labels is not None:
+        meta["class_labels"] = how
+    save_samples(out, images, seeds, meta, labels)
     if grid:
-        save_grid(grid, images)
+        save_grid(grid, images if labels is None else class_grid_order(images, labels))
     return meta
+
+
+def class_grid_order(images: np.ndarray, labels: np.ndarray, columns: int = 8) -> np.ndarray:
+    """Images arranged for a grid with a row per class (the first ``columns`` classes present, up to
+    ``columns`` images each; short rows padded with gray)."""
+    rows = []
+    for c in np.unique(labels)[:columns]:
+        row = images[labels == c][:columns]
+        pad = np.full((columns - len(row), *images.shape[1:]), 96, np.uint8)
+        rows.append(np.concatenate([row, pad]))
+    return np.concatenate(rows)

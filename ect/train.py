@@ -36,7 +36,7 @@ from ect.cost import device_info, iteration_flops, peak_tflops, precision_of
 from ect.data import load_dataset
 from ect.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 from ect.loss import ECTLossConfig, EDMLossConfig, ect_loss, edm_loss, stage_at
-from ect.networks import build_network, count_parameters
+from ect.networks import build_network, count_parameters, student_arch
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: state saved, rerun the same command to resume
 
@@ -47,6 +47,9 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(RuntimeError):
     pass
+
+
+ADDED_OPTIONS = ("grad_posinf", "pf_ema_stds", "output_ema_std")  # TrainConfig.digest: absent = default
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class TrainConfig:
     bf16: bool = False
     tf32: bool = False
     channels_last: bool = False
+    grad_posinf: float = 1e5  # what an infinite gradient becomes (NaN: 0); ECT's ImageNet branch zeroes them too
+    pf_ema_stds: tuple = ()  # EDM2's power-function EMAs (relative stds) tracked beside the classic EMA
+    output_ema_std: float = 0.0  # the EMA written as the output and the snapshots: 0 = classic, else a pf std
     arch: dict = field(default_factory=dict)  # network kwargs (pretrain) or overrides of the teacher's (tune)
     loss: dict = field(default_factory=dict)
 
@@ -80,8 +86,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
         d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+        for key in ("betas", "pf_ema_stds"):
+            if key in d:
+                d[key] = tuple(d[key])
         cfg = cls(**d)
         cfg.loss_config()  # validates loss keys and values
         if cfg.objective not in ("ect", "edm"):
@@ -94,6 +101,13 @@ class TrainConfig:
             raise ValueError("need batch >= 1, kimg > 0, lr > 0 and 0 <= ema_beta < 1")
         if cfg.batch_gpu < 0 or (cfg.batch_gpu and cfg.batch % cfg.batch_gpu):
             raise ValueError(f"batch_gpu {cfg.batch_gpu} does not divide the batch {cfg.batch}")
+        if not all(0 < std <= 0.28 for std in cfg.pf_ema_stds):
+            raise ValueError(f"pf_ema_stds must lie in (0, 0.28], not {list(cfg.pf_ema_stds)}")
+        if cfg.output_ema_std and cfg.output_ema_std not in cfg.pf_ema_stds:
+            raise ValueError(f"output_ema_std {cfg.output_ema_std} is not one of pf_ema_stds {list(cfg.pf_ema_stds)} "
+                             "(0 selects the classic EMA)")
+        if not cfg.grad_posinf >= 0:
+            raise ValueError(f"grad_posinf must be >= 0, not {cfg.grad_posinf}")
         return cfg
 
     @classmethod
@@ -138,8 +152,11 @@ class TrainConfig:
         return stage_at(iteration, self.loss_config().double) if self.objective == "ect" else 0
 
     def digest(self) -> str:
-        """What the run computes: every option but CADENCE_KEYS. A state resumes only under the same digest."""
-        computed = {k: v for k, v in dataclasses.asdict(self).items() if k not in CADENCE_KEYS}
+        """What the run computes: every option but CADENCE_KEYS. A state resumes only under the same digest.
+        Options added since the first release count only when set, so older states still resume."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in ADDED_OPTIONS}
+        computed = {k: v for k, v in dataclasses.asdict(self).items()
+                    if k not in CADENCE_KEYS and not (k in defaults and v == defaults[k])}
         return hashlib.sha256(json.dumps(computed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -263,9 +280,9 @@ class TrainState:
     after it was saved are dropped on resume, so the log has no duplicates.
     """
 
-    def __init__(self, state_dir: Path, cfg: TrainConfig, arch: dict, net, ema, optimizer):
+    def __init__(self, state_dir: Path, cfg: TrainConfig, arch: dict, net, ema, pf_emas, optimizer):
         self.dir, self.cfg, self.arch = state_dir, cfg, arch
-        self.net, self.ema, self.optimizer = net, ema, optimizer
+        self.net, self.ema, self.pf_emas, self.optimizer = net, ema, pf_emas, optimizer
         self.iteration = 0
         self.elapsed_s = 0.0  # training wall-clock so far, across resumes (saving and logging excluded)
         self.path, self.log_path = state_dir / "state.pt", state_dir / "log.jsonl"
@@ -273,7 +290,7 @@ class TrainState:
     def save(self) -> None:
         buf = io.BytesIO()  # serialised in memory first: a full disk then fails as an OSError naming the file
         torch.save({"net": self.net.state_dict(), "ema": self.ema.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+                    "pf_emas": [e.state_dict() for e in self.pf_emas], "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
                     "stage": self.cfg.stage_at(self.iteration), "data_position": self.iteration * self.cfg.batch,
                     "rng_cpu": torch.get_rng_state(), "config_digest": self.cfg.digest(), "arch": self.arch,
                     "elapsed_s": self.elapsed_s}, buf)
@@ -289,6 +306,8 @@ class TrainState:
                               f"({state['config_digest']} != {self.cfg.digest()}); delete {self.dir} to start over")
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
+        for e, saved in zip(self.pf_emas, state.get("pf_emas", []), strict=True):
+            e.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         self.iteration, self.elapsed_s = state["iteration"], float(state.get("elapsed_s", 0.0))
@@ -368,8 +387,8 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
     loss_cfg = cfg.loss_config()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    # Data: the whole (small) uint8 dataset in memory; batches are gathered by index.
-    images, _ = load_dataset(data_path)
+    # Data: the whole uint8 dataset in memory (as the reference caches it); batches are gathered by index.
+    images, labels = load_dataset(data_path)
     images = torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW uint8
     channels, res = images.shape[1], images.shape[2]
 
@@ -380,25 +399,31 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
         if init_path is None:
             raise ValueError("ECT tuning needs an initial (teacher) checkpoint")
         teacher = read_checkpoint(init_path)
-        arch = {**teacher["arch"], "kind": "ect", "sigma_min": None, "augment_dim": 0, **cfg.arch}
+        arch = student_arch(teacher["arch"], cfg.arch)
         init_meta = {"init": str(init_path), "init_sha256": sha256_file(init_path)}
     else:
         arch = {"kind": "edm", "img_resolution": res, "img_channels": channels, **cfg.arch}
     if arch["img_resolution"] != res or arch["img_channels"] != channels:
         raise ValueError(f"network expects {arch['img_channels']}x{arch['img_resolution']}² images, "
                          f"dataset has {channels}x{res}²")
+    label_dim = arch.get("label_dim", 0)
+    if label_dim and int(labels.max()) >= label_dim:
+        raise ValueError(f"the dataset has class {int(labels.max())}, the network only {label_dim} classes")
+    labels = torch.from_numpy(labels) if label_dim else None  # a class-conditional network sees the labels
     torch.manual_seed(cfg.seed)  # network initialisation
     net = build_network(arch)
-    arch["sigma_min"] = net.sigma_min  # record the resolved default in every checkpoint
+    if hasattr(net, "sigma_min"):
+        arch["sigma_min"] = net.sigma_min  # record the resolved default in every checkpoint
     if cfg.objective == "ect":
         skipped = load_state_by_name(net, teacher["state_dict"])
         if skipped and d.main:
             print(f"teacher weights not used by the student (skipped): {skipped}", file=sys.stderr)
-    ema = build_network(arch)
-    ema.load_state_dict(net.state_dict())
-    ema.eval().requires_grad_(False)
+    ema, *pf_emas = (build_network(arch) for _ in range(1 + len(cfg.pf_ema_stds)))
+    for e in (ema, *pf_emas):
+        e.load_state_dict(net.state_dict())
+        e.eval().requires_grad_(False).to(d.device)
+    output_ema = pf_emas[cfg.pf_ema_stds.index(cfg.output_ema_std)] if cfg.output_ema_std else ema
     net.train().requires_grad_(True).to(d.device, memory_format=memory_format)
-    ema.to(d.device)
     opt_cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
     optimizer = opt_cls(net.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
@@ -408,7 +433,7 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
     peak, no_peak_reason = peak_tflops(device, precision_of(cfg.bf16, cfg.tf32))
 
     # Resume from the state directory when there is a state; otherwise start a fresh log.
-    state = TrainState(state_dir, cfg, arch, net, ema, optimizer)
+    state = TrainState(state_dir, cfg, arch, net, ema, pf_emas, optimizer)
     if state.load() and d.main:
         print(f"resuming from {state.path} at iteration {state.iteration} "
               f"({state.iteration * cfg.batch / 1000:g} kimg)", file=sys.stderr)
@@ -430,17 +455,21 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
         return {"elapsed_s": state.elapsed_s, "flops": float(state.iteration * flops_per_iteration),
                 "device_hours": state.elapsed_s * d.world / 3600}
 
-    def save_ema(path):
+    def save_ema(path, which=None, std=None):
+        which, std = (output_ema, cfg.output_ema_std) if which is None else (which, std)
         meta = {"producer": f"ect {'tune' if cfg.objective == 'ect' else 'pretrain'}", "iteration": state.iteration,
-                "kimg": state.iteration * cfg.batch / 1000, "ema_beta": cfg.ema_decay(),
+                "kimg": state.iteration * cfg.batch / 1000,
+                "ema": f"power function, sigma_rel {std:g}" if std else f"classic, beta {cfg.ema_decay():g}",
+                "ema_beta": None if std else cfg.ema_decay(), "ema_std": std or None,
                 "config_digest": cfg.digest(), "dataset": str(data_path), **cost(),
                 "flops_per_iteration": float(flops_per_iteration), "device": device, **init_meta}
-        save_checkpoint(path, arch, ema.state_dict(), meta)
+        save_checkpoint(path, arch, which.state_dict(), meta)
 
     # Train: one iteration per global batch until the budget is spent.
     model = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    step = TrainStep(cfg, loss_cfg, d, model, net, ema, optimizer, images, per_rank, micro, memory_format, autocast)
+    step = TrainStep(cfg, loss_cfg, d, model, net, ema, pf_emas, optimizer, images, labels, per_rank, micro,
+                     memory_format, autocast)
     tick_every, state_every = cfg.every_iters(cfg.tick_kimg), cfg.every_iters(cfg.state_kimg)
     snapshot_every = cfg.every_iters(cfg.snapshot_kimg)
     bar = tqdm(total=cfg.total_iters, initial=state.iteration, unit="it", disable=not (progress and d.main),
@@ -496,6 +525,9 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
             _publish_snapshots(state_dir / "snapshots", Path(snapshot_dir))
         if log_path is not None:
             write_text_atomic(log_path, state.log_path.read_text() if state.log_path.exists() else "")
+        for std, e in zip((0.0, *cfg.pf_ema_stds), (ema, *pf_emas), strict=True):  # every EMA, for post-hoc choices
+            if cfg.pf_ema_stds:
+                save_ema(state_dir / "emas" / (f"pf-{std:.3f}.pt" if std else "classic.pt"), e, std)
         save_ema(out_path)
     return {"iterations": state.iteration, "parameters": count_parameters(net), "arch": arch}
 
@@ -511,8 +543,10 @@ class TrainStep:
     model: torch.nn.Module  # the student, DDP-wrapped when there are several processes
     net: torch.nn.Module  # the student itself: the ECT target pass runs on it
     ema: torch.nn.Module
+    pf_emas: list  # power-function EMAs, one per cfg.pf_ema_stds
     optimizer: torch.optim.Optimizer
     images: torch.Tensor  # the dataset, uint8 NCHW
+    labels: torch.Tensor | None  # its classes (int64), for a class-conditional network; else None
     per_rank: int
     micro: int
     memory_format: torch.memory_format
@@ -533,14 +567,17 @@ class TrainStep:
             y = (self.images[idx[sl]].to(d.device, torch.float32) / 127.5 - 1).contiguous(
                 memory_format=self.memory_format)
             tn, e = t_normal[sl].to(d.device), eps[sl].to(d.device)
+            cl = (None if self.labels is None else
+                  torch.nn.functional.one_hot(self.labels[idx[sl]], self.net.label_dim).to(d.device, torch.float32))
             torch.manual_seed(derived_seed(cfg.seed, Stream.DROPOUT, iteration, d.rank, rnd))
             last = d.world == 1 or s + self.micro >= lo + self.per_rank  # DDP syncs gradients on the last only
             with contextlib.nullcontext() if last else self.model.no_sync():
                 with self.autocast:
                     if cfg.objective == "ect":
-                        per_sample, _ = ect_loss(self.model, self.net, y, tn, e, stage, self.loss_cfg)
-                    else:
-                        per_sample = edm_loss(self.model, y, tn, e, self.loss_cfg)
+                        per_sample, _ = ect_loss(self.model, self.net, y, tn, e, stage, self.loss_cfg, cl)
+                    else:  # an EDM2 network with a log-variance head trains with EDM2's uncertainty weighting
+                        per_sample = edm_loss(self.model, y, tn, e, self.loss_cfg, cl,
+                                              uncertainty=getattr(self.net, "logvar_channels", 0) > 0)
                 (per_sample.float().sum() / self.per_rank).backward()
             total += per_sample.detach().float().sum()
         mean_loss = total / self.per_rank
@@ -551,9 +588,11 @@ class TrainStep:
             return float(mean_loss)  # the caller stops: the state on disk is the last good one
         for p in self.net.parameters():
             if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+                torch.nan_to_num(p.grad, nan=0, posinf=cfg.grad_posinf, neginf=-cfg.grad_posinf, out=p.grad)
         self.optimizer.step()
         ema_update(self.ema, self.net, cfg.ema_decay())
+        for std, pf_ema in zip(cfg.pf_ema_stds, self.pf_emas, strict=True):
+            ema_update(pf_ema, self.net, power_function_beta(std, iteration))
         return mean_loss.item()
 
 
@@ -562,6 +601,19 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
     """ema <- beta * ema + (1 - beta) * net, parameter by parameter."""
     for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
         p_ema.lerp_(p.detach(), 1 - beta)
+
+
+def power_function_gamma(std: float) -> float:
+    """EDM2's power-function EMA exponent γ for a relative standard deviation σ_rel: the largest real root
+    of γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²) = 0."""
+    s = std**-2
+    return float(max(r.real for r in np.roots([1, 7, 16 - s, 12 - s]) if abs(r.imag) < 1e-6))
+
+
+def power_function_beta(std: float, iteration: int) -> float:
+    """The power-function EMA's β after (0-based) ``iteration``: (1 − batch/images_seen)^(γ+1) with
+    images_seen = (iteration + 1)·batch. β = 0 at the first step: the average covers this run only."""
+    return (iteration / (iteration + 1)) ** (power_function_gamma(std) + 1)
 
 
 def _publish_snapshots(src: Path, dst: Path) -> None:

@@ -8,6 +8,7 @@ code and weights are not ours to ship. Each section says what it reproduces.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import http.server
 import io
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ect import networks
+from ect import networks, networks_edm2
 from ect.checkpoint import save_checkpoint
 from ect.data import save_dataset
 from ect.networks import build_network
@@ -135,9 +136,9 @@ class Persistent:
         return (_reconstruct_persistent_obj, (self.meta,))
 
 
-def _module_state(module, init_kwargs=None, extra=None, drop=()):
+def _module_state(module, init_kwargs=None, extra=None, drop=(), convert=None):
     state = {k: v for k, v in module.__dict__.items() if k not in drop}
-    state["_modules"] = {name: _convert(child) for name, child in module._modules.items()}
+    state["_modules"] = {name: (convert or _convert)(child) for name, child in module._modules.items()}
     state["_init_args"] = ()
     state["_init_kwargs"] = dict(init_kwargs or {})
     state.update(extra or {})
@@ -194,6 +195,67 @@ def edm_snapshot_bytes(net: networks.Precond, unet_kwargs: dict, class_name="EDM
                                     max_size=50000))
     with fake_torch_utils():
         return pickle.dumps(data, protocol=protocol)
+
+
+# ---- EDM2 snapshots: the structure of NVlabs/edm2's pickles (facts: docs/imagenet.md) -------------
+# A `dnnlib.util.EasyDict` with encoder, dataset_kwargs, loss_fn and ema; every EDM2 network class a
+# persistent record; `enc`/`dec` plain ModuleDicts; the ema's parameters and Fourier buffers float16.
+
+EDM2_CLASS = {networks_edm2.EDM2Precond: "Precond", networks_edm2.UNet: "UNet", networks_edm2.Block: "Block",
+              networks_edm2.MPConv: "MPConv", networks_edm2.MPFourier: "MPFourier"}
+
+
+class _EasyDict(dict):
+    """Pickled by reference as ``dnnlib.util.EasyDict`` (a dict subclass: NEWOBJ, then SETITEMS)."""
+
+
+_EasyDict.__module__, _EasyDict.__qualname__, _EasyDict.__name__ = "dnnlib.util", "EasyDict", "EasyDict"
+
+
+@contextlib.contextmanager
+def fake_dnnlib():
+    pkg, mod = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
+    mod.EasyDict = _EasyDict
+    pkg.util = mod
+    saved = {k: sys.modules.get(k) for k in ("dnnlib", "dnnlib.util")}
+    sys.modules.update({"dnnlib": pkg, "dnnlib.util": mod})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def _edm2_convert(module, init_kwargs=None):
+    if isinstance(module, torch.nn.ModuleDict):
+        plain = torch.nn.ModuleDict()
+        plain.__dict__["_modules"] = {name: _edm2_convert(child) for name, child in module._modules.items()}
+        return plain
+    state = _module_state(module, init_kwargs=init_kwargs, convert=_edm2_convert)
+    return Persistent(EDM2_CLASS[type(module)], state, module_src="# stand-in for training/networks_edm2.py\n")
+
+
+def edm2_snapshot_bytes(net, init_kwargs: dict, ect: bool = False, dtype=torch.float16) -> bytes:
+    """Bytes of an EDM2 snapshot or post-hoc reconstruction (``ect=False``: EasyDict with encoder,
+    dataset_kwargs, loss_fn, ema in float16), or of ECT's ImageNet snapshot (``ect=True``: ``dict(ema=...)``,
+    float32, no log-variance head). ``init_kwargs``: the Precond's constructor kwargs."""
+    net = copy.deepcopy(net).eval().requires_grad_(False).cpu().to(dtype)
+    ema = _edm2_convert(net, init_kwargs)
+    if ect:
+        data = dict(ema=ema)
+    else:
+        encoder = Persistent("StandardRGBEncoder", dict(_init_args=(), _init_kwargs={}),
+                             module_src="# stand-in for training/encoders.py\n")
+        loss = Persistent("EDM2Loss", dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5, _init_args=(), _init_kwargs={}),
+                          module_src="# stand-in for training/training_loop.py\n")
+        data = _EasyDict(encoder=encoder, dataset_kwargs=_EasyDict(class_name="training.dataset.ImageFolderDataset",
+                                                                     path="/someone/else/img64.zip", use_labels=True),
+                         loss_fn=loss, ema=ema)
+    with fake_torch_utils(), fake_dnnlib():
+        return pickle.dumps(data, protocol=4)
 
 
 class _BoundMethod:

@@ -6,12 +6,11 @@ timestamps or compression, so the same images always give the same hash.
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
 
 import numpy as np
 
-from ect.fileio import write_bytes_atomic
+from ect.fileio import atomic_path
 
 
 class DatasetError(ValueError):
@@ -30,9 +29,8 @@ def save_dataset(path, images: np.ndarray, labels: np.ndarray) -> str:
     """Write the dataset atomically; return its content hash."""
     check_dataset(images, labels)
     digest = content_hash(images, labels)
-    buf = io.BytesIO()
-    np.savez(buf, images=images, labels=labels.astype(np.int64), content_sha256=np.array(digest))
-    write_bytes_atomic(path, buf.getvalue())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # streamed: ImageNet-64's images are 15.7 GB
+        np.savez(f, images=images, labels=labels.astype(np.int64), content_sha256=np.array(digest))
     return digest
 
 
@@ -66,6 +64,18 @@ def load_dataset(path, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def load_labels(path) -> np.ndarray:
+    """A dataset's labels alone (the images are not read: ImageNet's are 15 GB)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            labels = f["labels"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
+        raise DatasetError(f"dataset {path}: labels must be non-negative integers, got {labels.dtype} {labels.shape}")
+    return labels
+
+
 def load_dataset_digest(path) -> str:
     """The content hash recorded in a dataset file (not recomputed)."""
     try:
@@ -75,12 +85,14 @@ def load_dataset_digest(path) -> str:
         raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
 
 
-SOURCES = ("digits", "cifar10")  # the config's dataset.source
+SOURCES = ("digits", "cifar10", "imagenet")  # the config's dataset.source
 
 
-def prepare_dataset(source: str, resolution: int, archive=None) -> tuple[np.ndarray, np.ndarray]:
-    """The images and labels of a dataset source: 'digits' (bundled with scikit-learn) or 'cifar10' (the
-    official python tarball, already downloaded)."""
+def prepare_dataset(source: str, resolution: int, archive=None, expected_count: int | None = None,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of a dataset source: 'digits' (bundled with scikit-learn), 'cifar10' (the
+    official python tarball, already downloaded) or 'imagenet' (a local ILSVRC2012 training folder or tar,
+    or EDM2's prepared zip, brought to ``resolution`` as EDM2 does; ``expected_count`` images)."""
     if source == "digits":
         from ect.data.digits import digits_images
 
@@ -93,4 +105,11 @@ def prepare_dataset(source: str, resolution: int, archive=None) -> tuple[np.ndar
         if not archive:
             raise DatasetError("dataset source 'cifar10' needs --archive (the downloaded cifar-10-python.tar.gz)")
         return read_cifar10_train(archive)
+    if source == "imagenet":
+        from ect.data.imagenet import read_imagenet
+
+        if not archive:
+            raise DatasetError("dataset source 'imagenet' needs --archive (the ILSVRC2012 training folder or tar, "
+                               "or EDM2's dataset zip)")
+        return read_imagenet(archive, resolution, expected_count=expected_count, progress=progress)
     raise DatasetError(f"unknown dataset source {source!r}; known: {', '.join(SOURCES)}")

@@ -1,4 +1,4 @@
-"""EDM/ECT snapshot (``ema`` network) -> our checkpoint, without executing the pickle."""
+"""EDM, EDM2 and ECT snapshots (their ``ema`` network) -> our checkpoint, without executing the pickle."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,15 +33,61 @@ def _plain(value):
     raise EDMFormatError(f"network kwarg is {describe(value)}, not a number, a string or a short list of numbers")
 
 
+# EDM2 (and ECT's ImageNet branch): the Precond/UNet kwargs we rebuild; EDM2's defaults apply to the rest.
+EDM2_ARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels",
+             "model_channels", "channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks",
+             "attn_resolutions", "label_balance", "concat_balance", "dropout", "dropout_res", "res_balance",
+             "attn_balance", "clip_act", "channels_per_head", "resample_filter")
+# Everything an EDM2 snapshot or post-hoc reconstruction references (and ECT's own, minus EasyDict): a file
+# that calls itself EDM2 but reaches for anything else of the EDM allow-list (numpy, getattr) is refused.
+EDM2_GLOBALS = {("dnnlib.util", "EasyDict"), ("torch_utils.persistence", "_reconstruct_persistent_obj"),
+                ("collections", "OrderedDict"), ("torch._utils", "_rebuild_parameter"),
+                ("torch._utils", "_rebuild_tensor_v2"), ("torch.storage", "_load_from_bytes"),
+                ("torch.nn.modules.container", "ModuleDict")}
+
+
+def read_edm2_network(ema: PersistentRecord, globals_used: set) -> tuple[dict, dict]:
+    """EDM2's Precond (or ECT's ImageNet one, without the log-variance head) -> (arch, float32 state dict)."""
+    extra = sorted(f"{m}.{n}" for m, n in globals_used - EDM2_GLOBALS)
+    if extra:
+        raise EDMFormatError(f"an EDM2 snapshot references only EDM2's globals; this one also {extra[:3]}")
+    unet = find_child(ema, "unet")
+    if not isinstance(unet, PersistentRecord) or unet.class_name != "UNet":
+        raise EDMFormatError(f"unsupported EDM2 network class {describe(getattr(unet, 'class_name', unet))}")
+    kwargs = ema.state.get("_init_kwargs") or {}
+    if ema.state.get("_init_args") or not isinstance(kwargs, dict):
+        raise EDMFormatError("EDM2 Precond was not constructed with keyword arguments; cannot recover its configuration")
+    unknown = sorted(str(k)[:40] for k in kwargs if k not in EDM2_ARGS)
+    if unknown:
+        raise EDMFormatError(f"unsupported EDM2 network option(s) {unknown[:5]}")
+    state = {name: t.float() for name, t in record_state_dict(ema).items()}  # float16 on disk; ECT upcasts
+    logvar = state.get("logvar_fourier.freqs")
+    arch = {"kind": "edm2", **{k: _plain(v) for k, v in kwargs.items()},
+            "logvar_channels": int(logvar.shape[0]) if logvar is not None and logvar.ndim == 1 else 0}
+    return arch, state
+
+
 def read_edm_network(data: bytes) -> tuple[dict, dict, dict]:
     """Parse snapshot bytes -> (arch kwargs, state_dict, info about the pickled classes)."""
-    snapshot = load_edm_pickle(data)
+    globals_used: set = set()
+    snapshot = load_edm_pickle(data, globals_used)
     ema = snapshot.get("ema")
     if not isinstance(ema, PersistentRecord):
         raise EDMFormatError("snapshot has no persistent 'ema' network")
+    if ema.class_name == "Precond":
+        arch, state = read_edm2_network(ema, globals_used)
+        try:
+            check_arch(arch)
+        except ArchError as exc:
+            raise EDMFormatError(f"the snapshot's network: {exc}") from None
+        info = {"precond_class": "Precond (EDM2)", "module_src_sha256": ema.module_src_sha256,
+                "snapshot_keys": sorted(snapshot),
+                "logvar_head": "present (EDM2's loss weighting; not used by the ECT student)"
+                if arch["logvar_channels"] else "absent"}
+        return arch, state, info
     if ema.class_name not in PRECOND_KINDS:
         raise EDMFormatError(f"unsupported preconditioning class {ema.class_name!r}; "
-                             f"supported: {', '.join(PRECOND_KINDS)}")
+                             f"supported: {', '.join(PRECOND_KINDS)}, Precond (EDM2)")
     unet = find_child(ema, "model")
     if not isinstance(unet, PersistentRecord) or unet.class_name != "SongUNet":
         name = getattr(unet, "class_name", type(unet).__name__)
@@ -81,5 +127,6 @@ def convert_edm_pickle(src, dst, sha256: str | None = None, log=print) -> dict:
     meta = {"source": str(src), "source_sha256": sha256 or "", "producer": "ect convert-edm", **info}
     save_checkpoint(dst, arch, net.state_dict(), meta)
     log(f"converted {src.name}: {info['precond_class']} -> kind={arch['kind']}, "
-        f"{count_parameters(net):,} parameters -> {dst}")
+        f"{count_parameters(net):,} parameters" + (f", log-variance head {info['logvar_head']}" if "logvar_head" in info
+                                                   else "") + f" -> {dst}")
     return arch

@@ -287,9 +287,15 @@ def _refuse(what: str):
 class RestrictedUnpickler(pickle._Unpickler):
     dispatch = dict(pickle._Unpickler.dispatch)
 
+    def __init__(self, file):
+        super().__init__(file)
+        self.globals_used: set[tuple[str, str]] = set()  # a format can then insist on its own, smaller list
+
     def find_class(self, module, name):
         try:
-            return ALLOWED_GLOBALS[(module, name)]
+            found = ALLOWED_GLOBALS[(module, name)]
+            self.globals_used.add((module, name))
+            return found
         except (KeyError, TypeError):
             raise UnsafePickleError(
                 f"refusing to load global '{str(module)[:MAX_NAME]}.{str(name)[:MAX_NAME]}': it is not on the EDM "
@@ -407,16 +413,21 @@ class _LegacyUnpickler(RestrictedUnpickler):
         return (_name(key, "storage key"), storage_type.dtype, numel)
 
 
-def load_edm_pickle(data) -> dict:
-    """Unpickle an EDM/ECT snapshot's bytes into plain data and :class:`PersistentRecord` s."""
+def load_edm_pickle(data, globals_used: set | None = None) -> dict:
+    """Unpickle an EDM/ECT snapshot's bytes into plain data and :class:`PersistentRecord` s; the globals
+    it referenced are added to ``globals_used``."""
+    unpickler = RestrictedUnpickler(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     try:
-        obj = RestrictedUnpickler(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data).load()
+        obj = unpickler.load()
     except (UnsafePickleError, EDMFormatError):
         raise
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError, RuntimeError,
             AttributeError, MemoryError, OverflowError, UnicodeDecodeError, RecursionError) as exc:
         raise EDMFormatError(f"not a readable EDM snapshot (truncated or corrupt): {type(exc).__name__}: "
                              f"{str(exc)[:200]}") from exc
+    finally:
+        if globals_used is not None:
+            globals_used |= unpickler.globals_used
     if not isinstance(obj, dict):
         raise EDMFormatError(f"EDM snapshot must be a dict at top level, found {describe(obj)}")
     return obj

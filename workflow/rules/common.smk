@@ -73,6 +73,11 @@ def threads_of(rule_name):
     return resource_settings_of(rule_name)["threads"]
 
 
+def dataset_args(wildcards, input):
+    """` --dataset D` for a class-conditional run's sampling steps (their labels follow the dataset's)."""
+    return optional_args(["--dataset", input.labels_source[0]] if input.labels_source else [])
+
+
 def optional_args(args):
     """Arguments that may be absent, shell-quoted, each after a space: `{params.x}` right after the word before
     it gives one space between words whether there are any or not (DVC's lock file folds long commands and

@@ -40,7 +40,16 @@ rule dataset:
     params:
         source=config["dataset"]["source"],
         resolution=config["dataset"]["resolution"],
-        archive=lambda wildcards, input: optional_args(["--archive", input.archive] if input.archive else []),
+        # a download (cifar10), or a local copy the user points at (imagenet's dataset.path: not an input,
+        # so a dry run plans without it; prepare-data names it if it is missing)
+        archive=lambda wildcards, input: optional_args(
+            ["--archive", input.archive or config["dataset"]["path"]]
+            if input.archive or config["dataset"].get("path")
+            else []
+        ),
+        expect_count=optional_args(
+            ["--expect-count", config["dataset"]["expected_count"]] if config["dataset"].get("expected_count") else []
+        ),
     shell:
         "exec ect prepare-data --source {params.source:q} --resolution {params.resolution:q}{params.archive}"
-        " --out {output:q} > {log:q} 2>&1"
+        "{params.expect_count} --out {output:q} --no-progress > {log:q} 2>&1"

@@ -83,6 +83,7 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
             snapshots=L.snapshots,
             ref=L.reference,
             feature_net=L.feature_net,
+            labels_source=L.labels_source,
         output:
             curve=L.curve,
             table=L.curve_table,
@@ -98,7 +99,8 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
         params:
             config=config_files,
             settings=settings("fid_curve"),
+            dataset=dataset_args,
         shell:
             "exec ect fid-curve --config {params.config:q} --snapshots {input.snapshots:q} --ref {input.ref:q}"
-            " --feature-net {input.feature_net:q} --out {output.curve:q} --table {output.table:q} --no-progress"
-            " > {log:q} 2>&1"
+            " --feature-net {input.feature_net:q}{params.dataset} --out {output.curve:q} --table {output.table:q}"
+            " --no-progress > {log:q} 2>&1"
