@@ -200,9 +200,29 @@ def run_fid_stats(args) -> int:
     from ect.fid import reference_statistics
 
     meta = reference_statistics(args.data, args.feature_net, args.kind, args.sha256, args.modes, args.batch,
-                                setup_device(args), args.out, progress=not args.no_progress)
-    say(f"wrote reference statistics of {meta['images']} images ({', '.join(meta['modes'])}) to {args.out}")
+                                setup_device(args), args.out, progress=not args.no_progress, shard=args.shard)
+    what = f"shard {args.shard[0]} of {args.shard[1]} of" if args.shard else "reference statistics of"
+    say(f"wrote {what} {meta['images']} images ({', '.join(meta['modes'])}) to {args.out}")
     return 0
+
+
+def run_fid_stats_merge(args) -> int:
+    from ect.fid import merge_reference_shards
+
+    meta = merge_reference_shards(args.shards, args.out)
+    say(f"merged {meta['shards']} shards: reference statistics of {meta['images']} images to {args.out}")
+    return 0
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N): shard I (from 0) of N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shard is I/N (e.g. 0/8), not {text[:40]!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard {i}/{n}: need 0 <= I < N")
+    return i, n
 
 
 def run_fid(args) -> int:
@@ -387,7 +407,15 @@ def _fid_stats_args(p):
     p.add_argument("--modes", required=True, nargs="+", choices=list(MODES), metavar="MODE",
                    help=f"clean-fid modes, {' or '.join(MODES)} (config: fid.modes)")
     p.add_argument("--batch", type=positive_int, default=250, help="images per forward pass (default 250)")
+    p.add_argument("--shard", type=shard_spec, metavar="I/N",
+                   help="only the I-th of N slices of the dataset (from 0): writes feature moments for "
+                        "'ect fid-stats-merge' instead of statistics")
     device_args(p)
+
+
+def _fid_stats_merge_args(p):
+    p.add_argument("shards", nargs="+", help="the moments of shards 0..N-1 from 'ect fid-stats --shard'")
+    p.add_argument("--out", required=True, help="statistics .npz, as 'ect fid-stats' writes it")
 
 
 def _fid_args(p):
@@ -483,7 +511,12 @@ STEPS = [
     Step("fid-stats", "reference FID statistics (mean, covariance) of a dataset",
          "Features of every image of the dataset in each --modes, then their mean and covariance (float64), in one "
          ".npz. Takes the feature network's settings rather than a config, so that presets sharing a dataset share "
-         "its statistics.", _fid_stats_args, run_fid_stats),
+         "its statistics. Features are accumulated as float64 moments a batch at a time; --shard computes one slice's "
+         "moments so that a large dataset splits across jobs.", _fid_stats_args, run_fid_stats),
+    Step("fid-stats-merge", "merge the shards of 'fid-stats --shard' into reference statistics",
+         "Add up the feature moments of shards 0..N-1 of one dataset and feature network (each exactly once; "
+         "anything else is refused) and write the mean and unbiased covariance.", _fid_stats_merge_args,
+         run_fid_stats_merge),
     Step("fid", "FID of a sample file against reference statistics (min and mean over sets)",
          "Split the samples (ordered by seed) into the config's sample.sets equal sets, compute the FID of each "
          "against the reference in every fid.modes, and write min, mean and every value as JSON (the first mode is "

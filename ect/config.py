@@ -147,4 +147,16 @@ def _scaling_problems(cfg: dict):
             yield (f"scaling.budgets_kimg: {kimg} is not a snapshot of the tuning run (tune.kimg {tune['kimg']}, "
                    f"a snapshot every tune.snapshot_kimg = {tune.get('snapshot_kimg', 0)} kimg)")
     if cfg["teacher"]["source"] != "pretrain" and any(scaling["sizes"].values()):
-        yield "scaling.sizes: a downloaded teacher has one architecture; its sizes take no arch overrides ({})"
+        yield ("scaling.sizes: a downloaded teacher brings its architecture; its sizes take no arch overrides ({}): "
+               "give each size its own download in scaling.teachers")
+    sizes = set(scaling["sizes"])
+    for key in ("teachers", "tune"):
+        extra = sorted(set(scaling.get(key, {})) - sizes)
+        if extra:
+            yield f"scaling.{key} names sizes {extra} that scaling.sizes does not have"
+    teachers = scaling.get("teachers")
+    if teachers is not None and (cfg["teacher"]["source"] == "pretrain" or set(teachers) != sizes):
+        yield ("scaling.teachers: a download for every size of scaling.sizes, and only with a downloaded teacher "
+               "(teacher.source: edm)")
+    if teachers is None and cfg["teacher"]["source"] != "pretrain" and len(sizes) > 1:
+        yield "scaling.sizes: several sizes with a downloaded teacher need a teacher each (scaling.teachers)"

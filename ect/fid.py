@@ -172,19 +172,97 @@ def extractors(kind: str, sha256: str | None, modes, path, device) -> dict[str, 
     return {mode: FeatureExtractor(path, kind, mode, sha256, device) for mode in modes}
 
 
+def feature_moments(images: np.ndarray, extractor: FeatureExtractor, batch: int = 256,
+                    progress: bool = False) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, Σ f, Σ f fᵀ) of the images' features in float64, a batch at a time: ImageNet's 1.28M
+    features would take 21 GB at once, and moments of shards add up."""
+    total, outer = None, None
+    for i in tqdm(range(0, len(images), batch), desc=f"features ({extractor.mode})", unit="batch", disable=not progress):
+        f = compute_features(images[i:i + batch], extractor, batch)
+        total = f.sum(axis=0) if total is None else total + f.sum(axis=0)
+        outer = f.T @ f if outer is None else outer + f.T @ f
+    if total is None:
+        raise FIDError("no images to compute statistics of")
+    return len(images), total, outer
+
+
+def moments_to_statistics(count: int, total: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance from (count, Σ f, Σ f fᵀ)."""
+    if count < 2:
+        raise FIDError(f"need at least 2 images for FID statistics, got {count}")
+    mu = total / count
+    return mu, (outer - count * np.outer(mu, mu)) / (count - 1)
+
+
+def shard_range(count: int, shard: tuple[int, int]) -> range:
+    """The images of shard i of n: a contiguous slice, the n slices covering all ``count`` exactly once."""
+    i, n = shard
+    if not 0 <= i < n:
+        raise FIDError(f"shard {i} of {n} does not exist (shards are numbered 0..{n - 1})")
+    return range(count * i // n, count * (i + 1) // n)
+
+
 def reference_statistics(data_path, feature_net, kind: str, sha256: str | None, modes, batch: int, device,
-                         out, progress: bool = False) -> dict:
-    """Mean and covariance of the dataset's features in each mode, written to ``out``; returns its meta."""
+                         out, progress: bool = False, shard: tuple[int, int] | None = None) -> dict:
+    """Mean and covariance of the dataset's features in each mode, written to ``out``; returns its meta.
+    With ``shard`` (i, n): only the moments of the i-th of n slices, for `ect fid-stats-merge`."""
     from ect.data import load_dataset, load_dataset_digest
 
     images, _ = load_dataset(data_path)
+    part = shard_range(len(images), shard or (0, 1))
     ex = extractors(kind, sha256, modes, feature_net, device)
-    stats = {mode: statistics(compute_features(images, e, batch, progress)) for mode, e in ex.items()}
+    moments = {mode: feature_moments(images[part.start:part.stop], e, batch, progress) for mode, e in ex.items()}
     meta = {"source": str(data_path), "images": len(images), "dataset_sha256": load_dataset_digest(data_path),
             "feature_net_sha256": next(iter(ex.values())).sha256, "resolution": int(images.shape[1]),
-            "feature_dim": int(next(iter(stats.values()))[0].shape[0])}
-    save_stats(out, stats, meta)
-    return {**meta, "modes": list(stats)}
+            "feature_dim": int(next(iter(moments.values()))[1].shape[0])}
+    if shard:
+        save_moments(out, moments, {**meta, "shard": list(shard)})
+    else:
+        save_stats(out, {mode: moments_to_statistics(*m) for mode, m in moments.items()}, meta)
+    return {**meta, "modes": list(moments)}
+
+
+def save_moments(path, moments: dict, meta: dict) -> None:
+    arrays = {f"{k}_{mode}": np.asarray(v) for mode, m in moments.items() for k, v in zip(("n", "sum", "outer"), m,
+                                                                                           strict=True)}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays, meta=np.array(json.dumps({**meta, "modes": list(moments)}, sort_keys=True)))
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def merge_reference_shards(paths, out) -> dict:
+    """Add up the moments of shards 0..n-1 of one dataset and feature network (each exactly once) and
+    write the reference statistics; returns their meta."""
+    parts = []
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                moments = {m: (int(f[f"n_{m}"]), f[f"sum_{m}"], f[f"outer_{m}"]) for m in meta["modes"]}
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise FIDError(f"cannot read reference shard {path}: {exc}") from exc
+        parts.append((path, meta, moments))
+    if not parts:
+        raise FIDError("no shards to merge")
+    keys = ("dataset_sha256", "feature_net_sha256", "modes", "images", "resolution")
+    first = parts[0][1]
+    for path, meta, _ in parts:
+        if "shard" not in meta or any(meta.get(k) != first.get(k) for k in keys):
+            raise FIDError(f"{path} is not a shard of the same dataset, feature network and modes as {parts[0][0]}")
+    n = first["shard"][1]
+    found = sorted(meta["shard"][0] for _, meta, _ in parts)
+    if found != list(range(n)) or any(meta["shard"][1] != n for _, meta, _ in parts):
+        raise FIDError(f"shards {found} of {n}: every shard 0..{n - 1} must be given exactly once")
+    stats = {}
+    for mode in first["modes"]:
+        count = sum(m[mode][0] for _, _, m in parts)
+        if count != first["images"]:
+            raise FIDError(f"the shards hold {count} images, the dataset {first['images']}")
+        stats[mode] = moments_to_statistics(count, sum(m[mode][1] for _, _, m in parts),
+                                            sum(m[mode][2] for _, _, m in parts))
+    meta = {k: v for k, v in first.items() if k not in ("shard", "modes")}
+    save_stats(out, stats, {**meta, "shards": n})
+    return {**meta, "modes": list(stats), "shards": n}
 
 
 def open_reference(config: dict, ref_path, feature_net, device, modes=None):

@@ -46,7 +46,7 @@ SAMPLE_SETS = {
 STEP_READS = {
     "feature_net": ("fid.feature_net",),
     "pretrain": ("pretrain", "scaling.sizes.{size}"),
-    "tune": ("tune",),
+    "tune": ("tune", "scaling.tune.{size}"),
     "sample": ("sample",),
     "fid": ("sample.sets", "fid.modes"),
     "fid_curve": ("fid", "sample.t_mid", "sample.class_labels"),
@@ -103,6 +103,9 @@ class RunLayout:
                                 if dataset.get("url") else None)
         # A class-conditional run (sample.class_labels set) draws its sampling labels from the dataset's.
         self.labels_source = [self.dataset] if "class_labels" in config["sample"] else []
+        # A downloaded teacher: one, or one per size of a scaling study (scaling.teachers).
+        self.teacher_downloads = ({size: entry for size, entry in self.scaling["teachers"].items()}
+                                  if self.scaling and "teachers" in self.scaling else None)
         self.teacher_pickle = (f"resources/teachers/{posixpath.basename(teacher['url'])}"
                                if teacher["source"] == "edm" else None)
         if feature_net["kind"] == "inception":  # a download; its statistics serve every run on the dataset
@@ -111,10 +114,14 @@ class RunLayout:
         else:  # the toy's digits classifier, trained by the run
             self.feature_net = f"{self.results}/fid/feature-net.pt"
             self.reference = f"{self.results}/fid/reference.npz"
+        # Reference statistics of a large dataset are computed in shards (a job each) and merged.
+        self.reference_shards = config["fid"].get("reference_shards", 1)
         # What the fetch rules download: rule -> (path, the config entry with its url and checksums).
+        teachers = ([(f"fetch_teacher_{size}", self.teacher_pickle_of(size), entry)
+                     for size, entry in self.teacher_downloads.items()] if self.teacher_downloads
+                    else [("fetch_teacher", self.teacher_pickle, teacher)])
         self.downloads = {rule: (path, entry) for rule, path, entry in (
-            ("fetch_dataset", self.dataset_archive, dataset),
-            ("fetch_teacher", self.teacher_pickle, teacher),
+            ("fetch_dataset", self.dataset_archive, dataset), *teachers,
             ("fetch_feature_net", self.feature_net if feature_net["kind"] == "inception" else None, feature_net),
         ) if path}
 
@@ -136,9 +143,23 @@ class RunLayout:
         self.scaling_dir = f"{self.results}/scaling"
         self.scaling_points = f"{self.scaling_dir}/points.csv"
 
+    def teacher_pickle_of(self, size: str) -> str:
+        """The downloaded teacher of a size: its own (scaling.teachers) or the preset's one."""
+        if self.teacher_downloads:
+            return f"resources/teachers/{posixpath.basename(self.teacher_downloads[size]['url'])}"
+        return self.teacher_pickle
+
+    def teacher_entry_of(self, size: str, teacher: dict) -> dict:
+        """The config entry (url, checksums) of a size's downloaded teacher."""
+        return self.teacher_downloads[size] if self.teacher_downloads else teacher
+
     def state(self, step: str) -> str:
         """A training step's resumable state: never a declared output, so nothing deletes it."""
         return f"{self.model}/state/{step}"
+
+    def reference_shard(self, shard) -> str:
+        """The feature moments of one shard of the reference statistics."""
+        return self.reference.replace(".npz", f".shard{shard}of{self.reference_shards}.npz")
 
     def scaling_point(self, size: str, kimg: str) -> str:
         return f"{self.scaling_dir}/points/{size}-{kimg}.json"

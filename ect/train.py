@@ -116,10 +116,13 @@ class TrainConfig:
         arch overrides applied."""
         options = {**section(config, section_name), "objective": objective}
         if size is not None:
-            sizes = (config.get("scaling") or {}).get("sizes", {})
+            scaling = config.get("scaling") or {}
+            sizes = scaling.get("sizes", {})
             if size not in sizes:
                 raise ConfigError(f"size {size!r} is not one of scaling.sizes ({', '.join(sizes) or 'no scaling'})")
-            options["arch"] = {**options.get("arch", {}), **sizes[size]}
+            own = (scaling.get("tune") or {}).get(size, {}) if section_name == "tune" else {}
+            options.update({k: v for k, v in own.items() if k != "arch"})
+            options["arch"] = {**options.get("arch", {}), **sizes[size], **own.get("arch", {})}
         return cls.from_dict(options)
 
     def loss_config(self):

@@ -3,6 +3,7 @@ independent computation, the sizes of NVIDIA's ImageNet-64 models, ECT's changes
 snapshots converted and compared."""
 from __future__ import annotations
 
+import json
 import math
 import pickle
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from ect.checkpoint import load_network, read_checkpoint
+from ect.data import save_dataset
 from ect.edm.convert import read_edm_network
 from ect.edm.pickle_reader import EDMFormatError
 from ect.loss import ECTLossConfig, ect_loss
@@ -25,7 +27,9 @@ from ect.networks_edm2 import (
     normalize,
     resample,
 )
-from tests.helpers import edm2_snapshot_bytes, fake_dnnlib, fake_torch_utils, randomized, run_ect
+from ect.sample import SamplingError, class_labels
+from ect.train import power_function_beta, power_function_gamma
+from tests.helpers import edm2_snapshot_bytes, fake_dnnlib, fake_torch_utils, randomized, run_ect, write_config
 
 F64 = torch.float64
 TINY = dict(kind="edm2", img_resolution=16, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2],
@@ -280,3 +284,86 @@ def test_edm2_snapshot_with_unknown_network_options_is_refused():
         read_edm_network(edm2_snapshot_bytes(tiny(), {**PRECOND_KWARGS, "model_type": "SomethingElse"}))
     with pytest.raises(EDMFormatError, match="model_channels"):
         read_edm_network(edm2_snapshot_bytes(tiny(), {**PRECOND_KWARGS, "model_channels": 100_000}))
+
+
+# ---- class-conditional training and sampling ----------------------------------------------------------
+
+def _conditional_setup(tmp_path):
+    """A 10-class dataset of 8x8 images (classes 0-3 only, unevenly) and a converted EDM2 teacher."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(48, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0] * 24 + [1] * 12 + [2] * 8 + [3] * 4)
+    save_dataset(tmp_path / "data.npz", images, labels)
+    kwargs = dict(img_resolution=8, img_channels=3, label_dim=10, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                  attn_resolutions=[], channels_per_head=8, dropout=0.0, use_fp16=True)
+    torch.manual_seed(0)
+    net = randomized(build_network({"kind": "edm2", **kwargs, "logvar_channels": 8}), scale=1.0)
+    (tmp_path / "teacher.pkl").write_bytes(edm2_snapshot_bytes(net, kwargs))
+    run_ect("convert-edm", tmp_path / "teacher.pkl", tmp_path / "teacher.pt")
+    return tmp_path / "data.npz", tmp_path / "teacher.pt", labels
+
+
+def test_class_labels_per_seed_follow_the_dataset_frequencies_and_any_subset_reproduces():
+    dataset_labels = np.array([0] * 700 + [1] * 200 + [7] * 100)
+    labels = class_labels(range(20000), 10, "dataset", dataset_labels)
+    freq = np.bincount(labels, minlength=10) / len(labels)
+    np.testing.assert_allclose(freq[[0, 1, 7]], [0.7, 0.2, 0.1], atol=0.015)
+    assert freq[[2, 3, 4, 5, 6, 8, 9]].sum() == 0
+    assert np.array_equal(class_labels([5, 17, 19999], 10, "dataset", dataset_labels), labels[[5, 17, 19999]])
+    uniform = class_labels(range(20000), 10, "uniform")
+    assert np.all(np.abs(np.bincount(uniform, minlength=10) / 20000 - 0.1) < 0.012)
+    with pytest.raises(SamplingError, match="needs the dataset"):
+        class_labels([0], 10, "dataset", None)
+    with pytest.raises(SamplingError, match="only 5 classes"):
+        class_labels([0], 5, "dataset", dataset_labels)
+
+
+def test_tune_from_an_edm2_teacher_uses_labels_drops_the_logvar_head_and_keeps_pf_emas(tmp_path):
+    data, teacher, _ = _conditional_setup(tmp_path)
+    config = write_config(tmp_path / "c.yaml", tune=dict(
+        kimg=0.08, batch=8, optimizer="adam", betas=[0.9, 0.99], lr_schedule="isqrt", lr_decay_iters=2, grad_posinf=0,
+        pf_ema_stds=[0.05, 0.1], output_ema_std=0.05, arch={"dropout": 0.2, "dropout_res": 4},
+        loss={"P_mean": -0.8, "P_std": 1.6, "q": 4, "c": 0.06, "weighting": "snrpk", "double": 5}))
+    proc = run_ect("tune", "--config", config, "--data", data, "--teacher", teacher, "--state-dir", tmp_path / "st",
+                   "--out", tmp_path / "tuned.pt", "--threads", "1", "--no-progress")
+    assert "logvar_fourier.freqs" in proc.stderr  # the teacher's log-variance head is reported as not used
+    tuned = read_checkpoint(tmp_path / "tuned.pt")
+    assert tuned["arch"]["logvar_channels"] == 0 and not tuned["arch"]["use_fp16"]
+    assert not any(k.startswith("logvar") for k in tuned["state_dict"])
+    assert tuned["meta"]["ema_std"] == 0.05 and "power function" in tuned["meta"]["ema"]
+    emas = {p.name: read_checkpoint(p) for p in (tmp_path / "st" / "emas").glob("*.pt")}
+    assert set(emas) == {"classic.pt", "pf-0.050.pt", "pf-0.100.pt"}
+    assert all(torch.equal(emas["pf-0.050.pt"]["state_dict"][k], v) for k, v in tuned["state_dict"].items())
+    assert not torch.equal(emas["pf-0.100.pt"]["state_dict"]["unet.out_gain"], tuned["state_dict"]["unet.out_gain"])
+
+
+def test_power_function_ema_matches_edm2s_exponents_and_starts_from_the_run():
+    assert [round(power_function_gamma(s), 2) for s in (0.010, 0.050, 0.100)] == [96.99, 16.97, 6.94]
+    for std in (0.01, 0.05, 0.1):
+        g = power_function_gamma(std)
+        assert abs(g**3 + 7 * g**2 + (16 - std**-2) * g + (12 - std**-2)) < 1e-6 * std**-2
+        assert power_function_beta(std, 0) == 0  # the first update replaces the average: it covers this run only
+        assert power_function_beta(std, 99) == pytest.approx((99 / 100) ** (g + 1))
+
+
+def test_conditional_samples_carry_their_labels_through_sampling_and_merging(tmp_path):
+    data, teacher, labels = _conditional_setup(tmp_path)
+    for name, seeds in (("a", "0-9"), ("b", "10-19")):
+        run_ect("sample", "--checkpoint", teacher, "--seeds", seeds, "--batch", "4", "--dataset", data,
+                "--out", tmp_path / f"{name}.npz", "--grid", tmp_path / f"{name}.png", "--no-progress")
+    run_ect("merge-samples", tmp_path / "all.npz", tmp_path / "b.npz", tmp_path / "a.npz")
+    run_ect("sample", "--checkpoint", teacher, "--seeds", "0-19", "--batch", "7", "--dataset", data,
+            "--out", tmp_path / "one.npz", "--no-progress")
+    merged, one = np.load(tmp_path / "all.npz"), np.load(tmp_path / "one.npz")
+    assert np.array_equal(merged["labels"], one["labels"]) and np.array_equal(merged["images"], one["images"])
+    assert np.array_equal(one["labels"], class_labels(range(20), 10, "dataset", labels))
+    assert json.loads(str(one["meta"]))["class_labels"] == "dataset"
+    # The label changes the image: the same seeds drawn uniformly give other classes and other images.
+    run_ect("sample", "--checkpoint", teacher, "--seeds", "0-19", "--class-labels", "uniform",
+            "--out", tmp_path / "u.npz", "--no-progress")
+    uniform = np.load(tmp_path / "u.npz")
+    differ = uniform["labels"] != one["labels"]
+    assert differ.any() and not np.array_equal(uniform["images"][differ], one["images"][differ])
+    assert np.array_equal(uniform["images"][~differ], one["images"][~differ])
+    proc = run_ect("sample", "--checkpoint", teacher, "--seeds", "0-3", "--out", tmp_path / "x.npz", check=False)
+    assert proc.returncode == 2 and "--dataset" in proc.stderr and not (tmp_path / "x.npz").exists()

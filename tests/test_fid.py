@@ -129,3 +129,26 @@ def test_fid_refuses_statistics_from_another_feature_network(feature_setup, tmp_
                    "--feature-net", tmp / "f.pt", "--out", tmp_path / "x.json", check=False)
     assert proc.returncode == 2 and "another feature network" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_reference_statistics_in_shards_merge_to_the_whole_and_refuse_a_bad_set(feature_setup, tmp_path):
+    """Moments of 3 shards added up give the statistics of the whole dataset (as np.cov computes them)."""
+    tmp, _ = feature_setup
+    args = ("--data", tmp / "data.npz", "--feature-net", tmp / "f.pt", "--kind", "digits-classifier",
+            "--modes", "clean", "--batch", "100", "--no-progress")
+    for i in range(3):
+        run_ect("fid-stats", *args, "--shard", f"{i}/3", "--out", tmp_path / f"s{i}.npz")
+    run_ect("fid-stats-merge", tmp_path / "s2.npz", tmp_path / "s0.npz", tmp_path / "s1.npz", "--out", tmp_path / "m.npz")
+    merged, merged_meta = load_stats(tmp_path / "m.npz")
+    whole, whole_meta = load_stats(tmp / "ref.npz")
+    np.testing.assert_allclose(merged["clean"][0], whole["clean"][0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(merged["clean"][1], whole["clean"][1], rtol=1e-8, atol=1e-10)
+    assert merged_meta["images"] == whole_meta["images"] == 1797 and merged_meta["shards"] == 3
+    for shards, why in (((0, 1), "every shard 0..2"), ((0, 1, 1, 2), "every shard 0..2")):
+        proc = run_ect("fid-stats-merge", *(tmp_path / f"s{i}.npz" for i in shards), "--out", tmp_path / "x.npz",
+                       check=False)
+        assert proc.returncode == 2 and why in proc.stderr and not (tmp_path / "x.npz").exists()
+    proc = run_ect("fid-stats-merge", tmp_path / "s0.npz", tmp / "ref.npz", "--out", tmp_path / "x.npz", check=False)
+    assert proc.returncode == 2 and "cannot read reference shard" in proc.stderr
+    proc = run_ect("fid-stats", *args, "--shard", "3/3", "--out", tmp_path / "x.npz", check=False)
+    assert proc.returncode == 2 and "0 <= I < N" in proc.stderr

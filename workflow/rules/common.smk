@@ -109,7 +109,7 @@ def checkpoint_of(wildcards):
 def gpu_hours():
     """Requested GPU-hours of each GPU rule = jobs x GPUs x runtime limit (an upper bound, for planning)."""
     models = len(L.scaling["sizes"]) if L.scaling else 1  # a scaling study trains a model per size
-    jobs = {"fid_reference": 1, "pretrain": models, "tune": models}
+    jobs = {"fid_reference": L.reference_shards, "pretrain": models, "tune": models}  # fid_reference: per shard
     if L.scaling:
         jobs["scaling_point"] = models * len(L.scaling["budgets_kimg"])
     else:

@@ -24,29 +24,83 @@ if config["fid"]["feature_net"]["kind"] == "digits-classifier":
             "exec ect feature-net --config {params.config:q} --data {input.data:q} --out {output:q} > {log:q} 2>&1"
 
 
-rule fid_reference:
-    """Reference statistics (feature mean and covariance) of the dataset."""
-    input:
-        data=L.dataset,
-        feature_net=L.feature_net,
-    output:
-        L.reference,
-    log:
-        L.log("fid_reference"),
-    benchmark:
-        L.benchmark("fid_reference")
-    conda:
-        "../envs/ect.yaml"
-    threads: threads_of("fid_reference")
-    resources:
-        **resources_of("fid_reference"),
-    params:  # the feature network's settings, not the config files: presets on one dataset share it
-        kind=config["fid"]["feature_net"]["kind"],
-        checksums=checksum_args(config["fid"]["feature_net"]),
-        modes=config["fid"]["modes"],
-    shell:
-        "exec ect fid-stats --data {input.data:q} --feature-net {input.feature_net:q} --kind {params.kind:q}"
-        "{params.checksums} --modes {params.modes:q} --out {output:q} --no-progress > {log:q} 2>&1"
+# `ect fid-stats` takes the feature network's settings, not the config files: presets on one dataset share
+# its statistics. A large dataset (ImageNet) splits into fid.reference_shards jobs whose moments are merged.
+FID_STATS = (
+    "exec ect fid-stats --data {input.data:q} --feature-net {input.feature_net:q} --kind {params.kind:q}"
+    "{params.checksums} --modes {params.modes:q}"
+)
+FID_STATS_PARAMS = dict(
+    kind=config["fid"]["feature_net"]["kind"],
+    checksums=checksum_args(config["fid"]["feature_net"]),
+    modes=config["fid"]["modes"],
+)
+
+if L.reference_shards == 1:
+
+    rule fid_reference:
+        """Reference statistics (feature mean and covariance) of the dataset."""
+        input:
+            data=L.dataset,
+            feature_net=L.feature_net,
+        output:
+            L.reference,
+        log:
+            L.log("fid_reference"),
+        benchmark:
+            L.benchmark("fid_reference")
+        conda:
+            "../envs/ect.yaml"
+        threads: threads_of("fid_reference")
+        resources:
+            **resources_of("fid_reference"),
+        params:
+            **FID_STATS_PARAMS,
+        shell:
+            FID_STATS + " --out {output:q} --no-progress > {log:q} 2>&1"
+
+else:
+
+    rule fid_reference_shard:
+        """Feature moments of one slice of the dataset (a job each, in parallel)."""
+        input:
+            data=L.dataset,
+            feature_net=L.feature_net,
+        output:
+            L.reference_shard("{shard}"),
+        log:
+            L.log("fid_reference-{shard}"),
+        benchmark:
+            L.benchmark("fid_reference-{shard}")
+        wildcard_constraints:
+            shard=r"\d+",
+        conda:
+            "../envs/ect.yaml"
+        threads: threads_of("fid_reference")
+        resources:
+            **resources_of("fid_reference"),
+        params:
+            **FID_STATS_PARAMS,
+            shards=L.reference_shards,
+        shell:
+            FID_STATS + " --shard {wildcards.shard}/{params.shards} --out {output:q} --no-progress > {log:q} 2>&1"
+
+    rule fid_reference:
+        """Reference statistics of the dataset: the shards' moments added up."""
+        input:
+            [L.reference_shard(i) for i in range(L.reference_shards)],
+        output:
+            L.reference,
+        log:
+            L.log("fid_reference"),
+        benchmark:
+            L.benchmark("fid_reference")
+        conda:
+            "../envs/ect.yaml"
+        resources:
+            **resources_of("fid_reference_merge"),
+        shell:
+            "exec ect fid-stats-merge {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 if not L.scaling:  # a single run's evaluation (a scaling study scores its points: scaling.smk)

@@ -29,9 +29,10 @@ if config["teacher"]["source"] == "pretrain":
 else:
 
     rule teacher:
-        """Convert the EDM pickle to our checkpoint without executing anything from it."""
+        """Convert the EDM or EDM2 pickle (a scaling study's: each size's) to our checkpoint without executing
+        anything from it."""
         input:
-            L.teacher_pickle,
+            lambda wildcards: L.teacher_pickle_of(wildcards.get("size")),
         output:
             L.teacher,
         log:
@@ -43,6 +44,6 @@ else:
         resources:
             **resources_of("teacher"),
         params:
-            checksums=checksum_args(config["teacher"]),
+            checksums=lambda wildcards: checksum_args(L.teacher_entry_of(wildcards.get("size"), config["teacher"])),
         shell:
             "exec ect convert-edm {input:q} {output:q}{params.checksums} > {log:q} 2>&1"

@@ -24,6 +24,7 @@ rule tune:
         config=config_files,
         settings=settings("tune"),
         state=per_job(L.state("tune")),  # resumable state: not an output, so a retry resumes
+        size=size_args,  # a scaling study's size: its scaling.tune overrides
         # one process per GPU on this node (torchrun); a single process without torchrun otherwise
         launcher=(
             ["torchrun", "--standalone", f"--nproc_per_node={gpus_of('tune')}", "-m", "ect.cli"]
@@ -31,6 +32,6 @@ rule tune:
             else ["ect"]
         ),
     shell:
-        "exec {params.launcher:q} tune --config {params.config:q} --data {input.data:q} --teacher {input.teacher:q}"
+        "exec {params.launcher:q} tune --config {params.config:q}{params.size} --data {input.data:q} --teacher {input.teacher:q}"
         " --state-dir {params.state:q} --out {output.tuned:q} --snapshots {output.snapshots:q}"
         " --train-log {output.train_log:q} --no-progress > {log:q} 2>&1"

@@ -1,0 +1,77 @@
+"""The ImageNet-64 presets plan the whole chain: every job, with its GPU-hours, from a dry run; the
+scaling preset a teacher and a recipe per size."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from ect.config import ConfigError, load_config
+from ect.layout import RunLayout
+from ect.train import TrainConfig
+from tests.helpers import ROOT, run
+
+SIZES = {"s": (192, 0.001, 0.4), "m": (256, 0.0009, 0.5), "l": (320, 0.0008, 0.5), "xl": (384, 0.0007, 0.5)}
+
+
+def planned(stdout: str) -> dict[str, int]:
+    start = stdout.index("Job stats:")
+    table = stdout[start:stdout.index("total", start)]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def gpu_hours(stdout: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^  (\w+) .*?([\d.]+) GPU-h$", stdout, re.M)}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_each_imagenet_preset_plans_the_whole_chain_with_its_gpu_hours(size):
+    preset = f"config/imagenet64-{size}.yaml"
+    cfg = yaml.safe_load((ROOT / preset).read_text())
+    out = run(["snakemake", "-n", "--configfile", preset], ROOT).stdout
+    shards = cfg["fid"]["reference_shards"]
+    assert planned(out) == {"dataset": 1, "fetch_feature_net": 1, "fetch_teacher": 1, "fid_reference_shard": shards,
+                            "fid_reference": 1, "teacher": 1, "tune": 1, "sample": 4, "fid": 4, "fid_curve": 1,
+                            "report": 1, "all": 1}
+    res = cfg["resources"]
+    hours = gpu_hours(out)
+    assert hours["tune"] == pytest.approx(res["tune"]["gpu"] * res["tune"]["runtime"] / 60)
+    assert hours["fid_reference"] == pytest.approx(shards * res["fid_reference"]["runtime"] / 60)
+    assert hours["sample"] == pytest.approx(4 * res["sample"]["runtime"] / 60)
+    assert sum(v for k, v in hours.items() if k != "total") == pytest.approx(hours["total"], abs=0.1)
+    # The branch's recipe for this size, from EDM2's transfer pickle of this size.
+    channels, lr, dropout = SIZES[size]
+    tune = TrainConfig.from_config(load_config(ROOT / preset), "tune", "ect")
+    assert (tune.lr, tune.arch["dropout"], tune.arch["dropout_res"], tune.betas) == (lr, dropout, 16, (0.9, 0.99))
+    assert tune.total_iters == 100_000 and tune.loss_config().double == 25_000 and tune.loss_config().c == 0.06
+    assert f"edm2-img64-{size}-" in cfg["teacher"]["url"] and cfg["sample"]["t_mid"] == [1.526]
+    assert cfg["dataset"]["expected_count"] == 1_281_167
+
+
+def test_the_imagenet_scaling_preset_tunes_each_size_from_its_own_teacher_with_its_own_recipe():
+    preset = "config/imagenet64-scaling.yaml"
+    proc = run(["snakemake", "-n", "-p", "scaling", "--configfile", preset], ROOT)
+    out = proc.stdout + proc.stderr  # the shell commands go to stderr
+    jobs = planned(out)
+    assert {jobs[f"fetch_teacher_{s}"] for s in ("S", "M", "L", "XL")} == {1}
+    assert (jobs["teacher"], jobs["tune"], jobs["scaling_point"]) == (4, 4, 16)
+    config = load_config(ROOT / preset)
+    for size, key in (("S", "s"), ("XL", "xl")):
+        assert f"ect.cli tune --config {preset} --size {size} " in out  # one process per GPU (torchrun)
+        assert f"edm2-img64-{key}-" in RunLayout(config, size).teacher_pickle_of(size)
+        tune = TrainConfig.from_config(config, "tune", "ect", size)
+        assert (tune.lr, tune.arch["dropout"]) == SIZES[key][1:]
+    assert "GPU-h" in out
+
+
+def test_scaling_teachers_must_cover_every_size(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/imagenet64-scaling.yaml").read_text())
+    del cfg["scaling"]["teachers"]["XL"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="a download for every size"):
+        load_config(tmp_path / "c.yaml")
+    del cfg["scaling"]["teachers"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="need a teacher each"):
+        load_config(tmp_path / "c.yaml")
