@@ -123,6 +123,7 @@ def collect(config: dict, config_files: list[str]) -> dict:
             "curve_samples": curve["samples"],
         },
         "curve_points": curve["points"],
+        "class_labels": config["sample"].get("class_labels"),
         "provenance": {
             **provenance(config, config_files, layout),
             "dataset": {"path": layout.dataset, "content_sha256": any_fid["reference"].get("dataset_sha256"),

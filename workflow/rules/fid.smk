@@ -57,7 +57,7 @@ if L.reference_shards == 1:
         params:
             **FID_STATS_PARAMS,
         shell:
-            FID_STATS + " --out {output:q} --no-progress > {log:q} 2>&1"
+            f"{FID_STATS} --out {{output:q}} --no-progress > {{log:q}} 2>&1"
 
 else:
 
@@ -83,7 +83,7 @@ else:
             **FID_STATS_PARAMS,
             shards=L.reference_shards,
         shell:
-            FID_STATS + " --shard {wildcards.shard}/{params.shards} --out {output:q} --no-progress > {log:q} 2>&1"
+            f"{FID_STATS} --shard {{wildcards.shard}}/{{params.shards}} --out {{output:q}} --no-progress > {{log:q}} 2>&1"
 
     rule fid_reference:
         """Reference statistics of the dataset: the shards' moments added up."""
