@@ -241,3 +241,19 @@ def test_corrupt_disguised_and_oversized_images_are_named(tree):
             read_imagenet(root, progress=False)
         assert "\n" not in str(info.value)
         assert time.perf_counter() - start < 2  # refused from the header, nothing huge decoded
+
+
+def test_prepare_data_cli_writes_the_dataset_and_refuses_a_wrong_count(tree, tmp_path):
+    from ect.data import load_dataset
+    from tests.helpers import run_ect
+
+    root, blobs = tree
+    run_ect("prepare-data", "--source", "imagenet", "--resolution", 64, "--archive", root, "--expect-count", 6,
+            "--out", tmp_path / "d.npz", "--no-progress")
+    images, labels = load_dataset(tmp_path / "d.npz")
+    assert images.shape == (6, 64, 64, 3) and labels.tolist() == LABELS
+    assert np.array_equal(images[0], _expected(blobs[SORTED[0]]))
+    proc = run_ect("prepare-data", "--source", "imagenet", "--resolution", 64, "--archive", root, "--expect-count",
+                   IMAGENET_TRAIN_COUNT, "--out", tmp_path / "x.npz", check=False)
+    assert proc.returncode == 2 and "1281167" in proc.stderr.replace(",", "") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.npz").exists()
