@@ -35,7 +35,9 @@ def resample(x: torch.Tensor, f=(1, 1), mode: str = "keep") -> torch.Tensor:
     """2x down (box filter = average pool) or up (nearest neighbour), depthwise, by the filter ``f``."""
     if mode == "keep":
         return x
-    f = torch.as_tensor(f, dtype=torch.float32)
+    if mode not in ("down", "up") or len(f) % 2:
+        raise ValueError(f"resample mode must be 'keep', 'down' or 'up' with an even filter, not {mode!r} {list(f)}")
+    f = torch.as_tensor(f, dtype=torch.float32, device=x.device)  # on the input's device: a GPU run needs it there
     f = (f.ger(f) / f.sum().square()).to(x.dtype)[None, None]
     pad = (f.shape[-1] - 1) // 2
     channels = x.shape[1]

@@ -77,6 +77,24 @@ def test_resample_down_is_a_box_average_and_up_is_nearest_neighbour():
     assert resample(x, mode="keep") is x
 
 
+def test_resample_builds_its_filter_on_the_inputs_device(monkeypatch):
+    """A CPU-built filter against a CUDA input fails on a GPU; here the input is on the meta device."""
+    seen = []
+    for name in ("conv2d", "conv_transpose2d"):
+        real = getattr(torch.nn.functional, name)
+
+        def checked(x, w, *args, _real=real, **kwargs):
+            seen.append(w.device == x.device)
+            return _real(x, w, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, name, checked)
+    x = torch.zeros(1, 2, 4, 4, device="meta")
+    assert resample(x, mode="down").shape == (1, 2, 2, 2) and resample(x, mode="up").shape == (1, 2, 8, 8)
+    assert seen == [True, True]
+    with pytest.raises(ValueError, match="even filter"):
+        resample(torch.zeros(1, 2, 4, 4), f=(1, 2, 1), mode="down")
+
+
 def test_fourier_features_and_mpconv_in_eval_and_forced_training():
     fourier = MPFourier(8).to(F64)
     c = torch.tensor([0.3, -1.2], dtype=F64)
