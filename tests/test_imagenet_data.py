@@ -119,7 +119,7 @@ def test_tar_of_the_folder_and_the_official_tar_of_tars_match_the_directory(tree
         link = tarfile.TarInfo("train/n01000000/link.JPEG")
         link.type, link.linkname = tarfile.SYMTYPE, "a.JPEG"
         tar.addfile(link)
-    with tarfile.open(tmp_path / "dot.tar.gz", "w:gz") as tar:
+    with tarfile.open(tmp_path / "dot.tar", "w") as tar:
         for rel in reversed(SORTED):
             _add(tar, f"./{rel}", blobs[rel])
     with tarfile.open(tmp_path / "ILSVRC2012_img_train.tar", "w") as outer:
@@ -131,7 +131,7 @@ def test_tar_of_the_folder_and_the_official_tar_of_tars_match_the_directory(tree
                         _add(inner, rel[0].split("/", 1)[1], blobs[rel[0]])
                 _add(inner, "deeper.tar", b"\0" * 1024)  # a tar two levels down is not read
             _add(outer, f"{synset}.tar", buf.getvalue())
-    for name in ("train.tar", "dot.tar.gz", "ILSVRC2012_img_train.tar"):
+    for name in ("train.tar", "dot.tar", "ILSVRC2012_img_train.tar"):
         x, y = read_imagenet(tmp_path / name, expected_count=6, progress=False)
         np.testing.assert_array_equal(x, want_x, err_msg=name)
         np.testing.assert_array_equal(y, want_y, err_msg=name)
@@ -257,3 +257,77 @@ def test_prepare_data_cli_writes_the_dataset_and_refuses_a_wrong_count(tree, tmp
                    IMAGENET_TRAIN_COUNT, "--out", tmp_path / "x.npz", check=False)
     assert proc.returncode == 2 and "1281167" in proc.stderr.replace(",", "") and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.npz").exists()
+
+
+# ---- resource bombs: each refused before it costs more than a few megabytes or seconds -------------
+
+def test_compressed_tars_and_huge_tar_headers_are_refused(tree, tmp_path):
+    root, _ = tree
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tar:
+        tar.add(root, arcname="train")
+    with pytest.raises(DatasetError, match="is compressed"):
+        read_imagenet(tmp_path / "t.tar.gz", progress=False)
+    # A GNU long-name header declaring 3 GB (backed by nothing): tarfile would read it in one call.
+    head = tarfile.TarInfo("././@LongLink")
+    head.type, head.size = tarfile.GNUTYPE_LONGNAME, 3 * 2**30
+    (tmp_path / "longname.tar").write_bytes(head.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 4096)
+    start = time.perf_counter()
+    with pytest.raises(DatasetError):
+        read_imagenet(tmp_path / "longname.tar", progress=False)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_strip_image_that_would_grow_64_fold_is_refused(tmp_path):
+    (tmp_path / "n01").mkdir()
+    Image.new("RGB", (60000, 1)).save(tmp_path / "n01" / "strip.png")
+    start = time.perf_counter()
+    with pytest.raises(DatasetError, match="aspect ratio"):
+        read_imagenet(tmp_path, progress=False)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="JPEG", progressive=True)
+    data = buf.getvalue()
+    sos = data.index(b"\xff\xda")
+    (tmp_path / "n01").mkdir()
+    (tmp_path / "n01" / "p.JPEG").write_bytes(data[:sos] + data[sos:-2] * 1 + b"\xff\xda\x00\x08" * 200 + data[-2:])
+    with pytest.raises(DatasetError, match="JPEG scans"):
+        read_imagenet(tmp_path, progress=False)
+
+
+def test_zip_members_that_understate_their_size_are_read_only_up_to_the_limit(tmp_path, monkeypatch):
+    import ect.data.imagenet as imagenet
+
+    monkeypatch.setattr(imagenet, "MAX_FILE_BYTES", 4096)
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:  # a member whose real size is 40000x its header's
+        zf.writestr("dataset.json", json.dumps({"labels": [["00000/img00000000.png", 0]]}))
+        zf.writestr(zipfile.ZipInfo("00000/img00000000.png"), b"\0" * 40_000_000, compress_type=zipfile.ZIP_DEFLATED)
+    raw = bytearray((tmp_path / "d.zip").read_bytes())
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # patch the declared size in the local and central headers
+        at = raw.rfind(sig)
+        field = at + (22 if sig == b"PK\x03\x04" else 24)
+        raw[field:field + 4] = struct.pack("<I", 100)
+    (tmp_path / "d.zip").write_bytes(bytes(raw))
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError):
+            read_imagenet(tmp_path / "d.zip", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, f"{peak} bytes allocated: the member was inflated beyond its limit"
+
+
+def test_links_out_of_the_source_folder_are_not_followed(tree, tmp_path):
+    root, _ = tree
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (80, 80)).save(outside / "stolen.JPEG")
+    (root / "n01000000" / "escape").symlink_to(outside)
+    (root / "n01000000" / "stolen.JPEG").symlink_to(outside / "stolen.JPEG")
+    x, _ = read_imagenet(root, expected_count=6, progress=False)  # the two links add nothing
+    assert len(x) == 6

@@ -35,8 +35,11 @@ from ect.data import DatasetError
 IMAGENET_TRAIN_COUNT = 1_281_167
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 MAX_PIXELS = 64 * 2**20  # far above any ImageNet photo, far below what exhausts memory
+MAX_RESIZED_PIXELS = 2**24  # the bicubic step's output: a 100000x1 strip would otherwise grow 64-fold
+MAX_SCANS = 100  # JPEG scans (SOS markers): progressive photos have about 10; each costs a decoding pass
 MAX_FILE_BYTES = 64 * 2**20
-MAX_JSON_BYTES = 256 * 2**20
+MAX_READ = 4 * MAX_FILE_BYTES  # one read from a tar: a member or a header block (a GNU long name is a few KB)
+JSON_BYTES_PER_IMAGE = 64  # dataset.json: ["00000/img00000000.png", 999] is 33 bytes an image
 _FORMATS = ("JPEG", "PNG")  # ILSVRC2012 train holds JPEGs and one PNG named .JPEG; no other decoder is exposed
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError,
                    RuntimeError, NotImplementedError)  # the last two: encrypted or exotic zip members
@@ -47,7 +50,11 @@ def center_crop_dhariwal(img: Image.Image, resolution: int) -> np.ndarray:
     while min(img.size) >= 2 * resolution:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
     scale = resolution / min(img.size)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
+    size = (round(img.width * scale), round(img.height * scale))
+    if size[0] * size[1] > MAX_RESIZED_PIXELS:
+        raise DatasetError(f"a {img.width}x{img.height} image would be resized to {size[0]}x{size[1]}: "
+                           "its aspect ratio is too extreme for a photograph")
+    img = img.resize(size, resample=Image.BICUBIC)
     arr = np.asarray(img)
     top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
     return np.ascontiguousarray(arr[top:top + resolution, left:left + resolution])
@@ -66,6 +73,8 @@ def _decode(data: bytes, name: str, resolution: int, prepared: bool = False) -> 
                 w, h = img.size  # from the header: nothing is decoded yet
                 if w * h > MAX_PIXELS:
                     raise DatasetError(f"image {name} is {w}x{h} ({w * h} pixels), over the limit of {MAX_PIXELS}")
+                if img.format == "JPEG" and data.count(b"\xff\xda") > MAX_SCANS:
+                    raise DatasetError(f"image {name} has more than {MAX_SCANS} JPEG scans (a decoding-time bomb)")
                 if prepared:
                     if (w, h) != (resolution, resolution) or img.mode != "RGB":
                         raise DatasetError(f"image {name} is {w}x{h} {img.mode}, "
@@ -75,9 +84,12 @@ def _decode(data: bytes, name: str, resolution: int, prepared: bool = False) -> 
     except DatasetError:
         raise
     except Exception as exc:  # whatever a malformed file makes a decoder raise, it is a bad input file
-        msg = (str(exc).splitlines() or [""])[0]
+        msg = (str(exc).splitlines() or [""])[0][:200]
         raise DatasetError(f"cannot decode image {name}: {type(exc).__name__}: {msg}") from exc
-    return center_crop_dhariwal(rgb, resolution)
+    try:
+        return center_crop_dhariwal(rgb, resolution)
+    except DatasetError as exc:
+        raise DatasetError(f"image {name}: {exc}") from None
 
 
 def _check_count(found: int, expected: int | None, where) -> None:
@@ -100,17 +112,21 @@ def _bar(total, progress):
     return tqdm(total=total, unit="img", file=sys.stderr, disable=not progress, desc="imagenet")
 
 
+def _inside(path: str, real_root: str) -> bool:
+    return os.path.commonpath([os.path.realpath(path), real_root]) == real_root
+
+
 def _read_dir(root: str, resolution, expected_count, progress):
-    paths, seen = [], set()
+    paths, seen, real_root = [], set(), os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop (or a second link to a folder already read)
+        if real in seen or not _inside(real, real_root):  # a symlink loop, a second link, or a way out
             dirnames[:] = []
             continue
         seen.add(real)
         for f in filenames:
             full = os.path.join(dirpath, f)
-            if _is_image_name(f) and os.path.isfile(full):
+            if _is_image_name(f) and os.path.isfile(full) and _inside(full, real_root):
                 paths.append(os.path.relpath(full, root).replace(os.sep, "/"))
     paths.sort()
     _check_count(len(paths), expected_count, root)
@@ -142,9 +158,39 @@ def _member_bytes(tar: tarfile.TarFile, m: tarfile.TarInfo, where) -> bytes:
     return tar.extractfile(m).read()
 
 
+class _CappedReader(io.RawIOBase):
+    """A tar file whose single reads are capped: tarfile reads a member, or a GNU long-name or pax header
+    (which a crafted tar can declare gigabytes long), in one call."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def read(self, n=-1):
+        if n is None or n < 0 or n > MAX_READ:
+            raise DatasetError(f"the tar asks to read {n} bytes at once (a member or header over {MAX_READ} bytes)")
+        return self.f.read(n)
+
+    def readinto(self, b):
+        return self.f.readinto(b)
+
+
 def _read_tar(path: str, resolution, expected_count, progress):
     items: list[tuple[str, np.ndarray]] = []
-    with _bar(expected_count, progress) as bar, tarfile.open(path, "r:*") as tar:
+    # Uncompressed only (ILSVRC's tars are): a compressed tar is a decompression bomb in waiting.
+    with _bar(expected_count, progress) as bar, open(path, "rb") as raw, \
+            tarfile.open(fileobj=_CappedReader(raw), mode="r:") as tar:
         for m in tar:
             name = _member_path(m.name, path)
             if not m.isfile():  # directories, links, devices
@@ -177,6 +223,20 @@ def _read_tar(path: str, resolution, expected_count, progress):
     return out, _labels([paths[j] for j in order], path)
 
 
+MAX_CLASSES = 100_000  # as a network's label_dim
+
+
+def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, where) -> bytes:
+    """A member's bytes, decompressing at most ``limit`` + 1 (a header may understate the real size)."""
+    if info.file_size > limit:
+        raise DatasetError(f"{where}: member {info.filename} claims {info.file_size} bytes, over the limit of {limit}")
+    with zf.open(info) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DatasetError(f"{where}: member {info.filename} holds more than {limit} bytes")
+    return data
+
+
 def _read_zip(path: str, resolution, expected_count, progress):
     with zipfile.ZipFile(path) as zf:
         infos: dict[str, zipfile.ZipInfo] = {}
@@ -192,10 +252,9 @@ def _read_zip(path: str, resolution, expected_count, progress):
             meta = zf.getinfo("dataset.json")
         except KeyError:
             raise DatasetError(f"{path} has no dataset.json (not an EDM2 dataset zip?)") from None
-        if meta.file_size > MAX_JSON_BYTES:
-            raise DatasetError(f"{path}: dataset.json is {meta.file_size} bytes, over the limit of {MAX_JSON_BYTES}")
+        limit = JSON_BYTES_PER_IMAGE * len(names) + 1024
         try:
-            pairs = json.loads(zf.read(meta)).get("labels")
+            pairs = json.loads(_zip_member(zf, meta, limit, path)).get("labels")
             table = {k: v for k, v in pairs} if isinstance(pairs, list) else None
             if table is None or len(table) != len(pairs) or not all(isinstance(k, str) for k in table):
                 raise ValueError("labels must be a list of unique [file name, label] pairs")
@@ -205,18 +264,26 @@ def _read_zip(path: str, resolution, expected_count, progress):
             diff = sorted(set(table) ^ set(names))
             raise DatasetError(f"{path}: dataset.json labels do not match the images "
                                f"({len(diff)} differ, e.g. {diff[0]})")
-        bad = [n for n in names if type(table[n]) is not int or table[n] < 0]
+        bad = [n for n in names if type(table[n]) is not int or not 0 <= table[n] < MAX_CLASSES]
         if bad:
-            raise DatasetError(f"{path}: label of {bad[0]} is {table[bad[0]]!r}, not an integer >= 0")
+            raise DatasetError(f"{path}: label of {bad[0]} is {str(table[bad[0]])[:40]}, not an integer in "
+                               f"[0, {MAX_CLASSES})")
         out = np.empty((len(names), resolution, resolution, 3), dtype=np.uint8)
         with _bar(len(names), progress) as bar:
             for i, name in enumerate(names):
-                if infos[name].file_size > MAX_FILE_BYTES:
-                    raise DatasetError(f"{path}: member {name} claims {infos[name].file_size} bytes, "
-                                       f"over the limit of {MAX_FILE_BYTES}")
-                out[i] = _decode(zf.read(infos[name]), f"{path}:{name}", resolution, prepared=True)
+                out[i] = _decode(_zip_member(zf, infos[name], MAX_FILE_BYTES, path), f"{path}:{name}", resolution,
+                                 prepared=True)
                 bar.update()
     return out, np.array([table[n] for n in names], dtype=np.int64)
+
+
+def _is_plain_tar(path: str) -> bool:
+    """An uncompressed tar (POSIX/GNU magic at offset 257); compressed tars are refused by name."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+        raise DatasetError(f"{path} is compressed: give the uncompressed tar (ILSVRC's are), or unpack it")
+    return len(head) == 512 and head[257:262] == b"ustar"
 
 
 def read_imagenet(source, resolution: int = 64, expected_count: int | None = None,
@@ -228,7 +295,7 @@ def read_imagenet(source, resolution: int = 64, expected_count: int | None = Non
         if os.path.isdir(path):
             return _read_dir(path, resolution, expected_count, progress)
         if os.path.isfile(path):
-            if tarfile.is_tarfile(path):
+            if _is_plain_tar(path):
                 return _read_tar(path, resolution, expected_count, progress)
             if zipfile.is_zipfile(path):
                 return _read_zip(path, resolution, expected_count, progress)
