@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -230,36 +231,65 @@ def save_moments(path, moments: dict, meta: dict) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+MAX_SHARDS = 1024  # as the config's fid.reference_shards
+
+
+def _read_shard(path) -> tuple[dict, dict]:
+    """A shard's meta and moments, every field checked (a shard file is as untrusted as any input)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            shard, modes, dim = meta.get("shard"), meta.get("modes"), meta.get("feature_dim")
+            if not (isinstance(shard, list) and len(shard) == 2 and all(type(v) is int for v in shard)
+                    and 0 <= shard[0] < shard[1] <= MAX_SHARDS):
+                raise ValueError(f"meta 'shard' must be [i, n] with 0 <= i < n <= {MAX_SHARDS}")
+            if not (isinstance(modes, list) and modes and len(set(modes)) == len(modes)
+                    and all(m in MODES for m in modes)):
+                raise ValueError("meta 'modes' must be a list of distinct FID modes")
+            if type(dim) is not int or not 0 < dim <= 65536 or type(meta.get("images")) is not int:
+                raise ValueError("meta 'feature_dim' and 'images' must be integers")
+            moments = {}
+            for m in modes:
+                n, total, outer = f[f"n_{m}"], f[f"sum_{m}"], f[f"outer_{m}"]
+                if n.shape != () or not np.issubdtype(n.dtype, np.integer) or int(n) < 0:
+                    raise ValueError(f"n_{m} must be a count")
+                if total.shape != (dim,) or outer.shape != (dim, dim) or total.dtype != np.float64 \
+                        or outer.dtype != np.float64 or not (np.isfinite(total).all() and np.isfinite(outer).all()):
+                    raise ValueError(f"sum_{m} and outer_{m} must be finite float64 of shapes ({dim},), ({dim}, {dim})")
+                moments[m] = (int(n), total, outer)
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+        raise FIDError(f"cannot read reference shard {path}: {(str(exc).splitlines() or [''])[0][:200]}") from exc
+    return meta, moments
+
+
 def merge_reference_shards(paths, out) -> dict:
-    """Add up the moments of shards 0..n-1 of one dataset and feature network (each exactly once) and
-    write the reference statistics; returns their meta."""
-    parts = []
-    for path in paths:
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                meta = json.loads(str(f["meta"]))
-                moments = {m: (int(f[f"n_{m}"]), f[f"sum_{m}"], f[f"outer_{m}"]) for m in meta["modes"]}
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise FIDError(f"cannot read reference shard {path}: {exc}") from exc
-        parts.append((path, meta, moments))
-    if not parts:
+    """Add up the moments of shards 0..n-1 of one dataset and feature network (each exactly once, read one
+    at a time) and write the reference statistics; returns their meta."""
+    if not paths:
         raise FIDError("no shards to merge")
-    keys = ("dataset_sha256", "feature_net_sha256", "modes", "images", "resolution")
-    first = parts[0][1]
-    for path, meta, _ in parts:
-        if "shard" not in meta or any(meta.get(k) != first.get(k) for k in keys):
-            raise FIDError(f"{path} is not a shard of the same dataset, feature network and modes as {parts[0][0]}")
+    keys = ("dataset_sha256", "feature_net_sha256", "modes", "images", "resolution", "feature_dim")
+    first, sums, found = None, {}, []
+    for path in paths:
+        meta, moments = _read_shard(path)
+        if first is None:
+            first = meta
+            if len(paths) != meta["shard"][1]:
+                raise FIDError(f"{len(paths)} files for {meta['shard'][1]} shards: every shard 0..{meta['shard'][1] - 1} "
+                               "must be given exactly once")
+        elif any(meta.get(k) != first.get(k) for k in keys) or meta["shard"][1] != first["shard"][1]:
+            raise FIDError(f"{path} is not a shard of the same dataset, feature network and modes as {paths[0]}")
+        found.append(meta["shard"][0])
+        for mode, (n, total, outer) in moments.items():
+            acc = sums.get(mode)
+            sums[mode] = (n, total, outer) if acc is None else (acc[0] + n, acc[1] + total, acc[2] + outer)
     n = first["shard"][1]
-    found = sorted(meta["shard"][0] for _, meta, _ in parts)
-    if found != list(range(n)) or any(meta["shard"][1] != n for _, meta, _ in parts):
-        raise FIDError(f"shards {found} of {n}: every shard 0..{n - 1} must be given exactly once")
+    if sorted(found) != list(range(n)):
+        raise FIDError(f"shards {sorted(found)} of {n}: every shard 0..{n - 1} must be given exactly once")
     stats = {}
-    for mode in first["modes"]:
-        count = sum(m[mode][0] for _, _, m in parts)
+    for mode, (count, total, outer) in sums.items():
         if count != first["images"]:
             raise FIDError(f"the shards hold {count} images, the dataset {first['images']}")
-        stats[mode] = moments_to_statistics(count, sum(m[mode][1] for _, _, m in parts),
-                                            sum(m[mode][2] for _, _, m in parts))
+        stats[mode] = moments_to_statistics(count, total, outer)
     meta = {k: v for k, v in first.items() if k not in ("shard", "modes")}
     save_stats(out, stats, {**meta, "shards": n})
     return {**meta, "modes": list(stats), "shards": n}

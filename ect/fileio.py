@@ -71,6 +71,8 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
     make_parent(path)
+    if path.exists() and not path.is_file():  # a rename would replace a device (/dev/null) or a directory
+        raise OutputError(17, f"cannot write {path}: it exists and is not a regular file")
     remove_stale_temporaries(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)

@@ -337,6 +337,15 @@ def check_arch(arch: dict) -> dict:
     levels = len(arch.get("channel_mult", (1, 2, 2, 2)))
     if arch.get("img_resolution", 32) % (2 ** (levels - 1)):
         raise ArchError(f"img_resolution {arch.get('img_resolution', 32)} cannot be halved {levels - 1} times")
+    if arch.get("kind") == "edm2":  # attention splits a level's channels into heads of channels_per_head
+        per_head, res = arch.get("channels_per_head", 64), arch.get("img_resolution", 64)
+        mult = arch.get("channel_mult", (1, 2, 3, 4))
+        for level, m in enumerate(mult):
+            channels = arch.get("model_channels", 192) * m
+            attention = level == len(mult) - 1 or (res >> level) in arch.get("attn_resolutions", (16, 8))
+            if attention and (channels < per_head or channels % per_head):
+                raise ArchError(f"channels_per_head {per_head} must divide the {channels} channels of the "
+                                f"{res >> level}x{res >> level} attention blocks")
     return arch
 
 

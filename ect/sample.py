@@ -33,11 +33,12 @@ def parse_seeds(spec: str, limit: int = MAX_SEEDS) -> list[int]:
             lo, _, hi = part.strip().partition("-")
             lo_i = int(lo)
             hi_i = int(hi) if hi else lo_i
-            if hi_i < lo_i or lo_i < 0:
+            if hi_i < lo_i or lo_i < 0 or hi_i >= 2**63:  # seeds are stored as int64
                 raise ValueError
             ranges.append((lo_i, hi_i))
     except ValueError:
-        raise ValueError(f"bad seed list {str(spec)[:80]!r}: use e.g. '0-9999' or '0-99,200-299'") from None
+        raise ValueError(f"bad seed list {str(spec)[:80]!r}: use e.g. '0-9999' or '0-99,200-299' (seeds in "
+                         "[0, 2^63))") from None
     if sum(hi - lo + 1 for lo, hi in ranges) > limit:  # counted before anything is allocated
         raise ValueError(f"seed list {str(spec)[:80]!r} has more than {limit:,} seeds: split it into several jobs "
                          "and join their files with 'ect merge-samples'")

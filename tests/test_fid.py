@@ -148,7 +148,19 @@ def test_reference_statistics_in_shards_merge_to_the_whole_and_refuse_a_bad_set(
         proc = run_ect("fid-stats-merge", *(tmp_path / f"s{i}.npz" for i in shards), "--out", tmp_path / "x.npz",
                        check=False)
         assert proc.returncode == 2 and why in proc.stderr and not (tmp_path / "x.npz").exists()
-    proc = run_ect("fid-stats-merge", tmp_path / "s0.npz", tmp / "ref.npz", "--out", tmp_path / "x.npz", check=False)
+    proc = run_ect("fid-stats-merge", tmp / "ref.npz", tmp_path / "s0.npz", "--out", tmp_path / "x.npz", check=False)
     assert proc.returncode == 2 and "cannot read reference shard" in proc.stderr
+    # Hostile shards: every field is checked before anything is added up.
+    with np.load(tmp_path / "s1.npz") as f:
+        arrays, meta = {k: f[k] for k in f.files if k != "meta"}, json.loads(str(f["meta"]))
+    for name, change in (("bool", {"meta": {"shard": [True, 3]}}), ("huge", {"meta": {"shard": [1, 10**8]}}),
+                         ("negative", {"n_clean": np.array(-5)}), ("shape", {"sum_clean": np.zeros(3)}),
+                         ("nan", {"outer_clean": np.full_like(arrays["outer_clean"], np.nan)})):
+        bad = {**arrays, **{k: v for k, v in change.items() if k != "meta"}}
+        np.savez(tmp_path / f"bad-{name}.npz", **bad, meta=np.array(json.dumps({**meta, **change.get("meta", {})})))
+        proc = run_ect("fid-stats-merge", tmp_path / "s0.npz", tmp_path / f"bad-{name}.npz", tmp_path / "s2.npz",
+                       "--out", tmp_path / "x.npz", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert not (tmp_path / "x.npz").exists()
     proc = run_ect("fid-stats", *args, "--shard", "3/3", "--out", tmp_path / "x.npz", check=False)
     assert proc.returncode == 2 and "0 <= I < N" in proc.stderr

@@ -23,6 +23,7 @@ from ect.checkpoint import save_checkpoint
 from ect.config import ConfigError, load_config
 from ect.data import DatasetError, save_dataset
 from ect.fileio import write_bytes_atomic, write_json_atomic
+from ect.networks import build_network
 from ect.sample import save_samples
 from ect.train import state_directory_lock
 from tests.helpers import (
@@ -274,3 +275,49 @@ def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
     live.write_bytes(b"in progress")
     write_bytes_atomic(tmp_path / "f.bin", b"whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["f.bin", live.name])
+
+
+# ---- found by probing the EDM2 / ImageNet entry points --------------------------------------------
+
+def test_an_existing_output_that_is_not_a_regular_file_is_never_replaced(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # stands in for /dev/null: a rename over it would replace the node with a file
+    with pytest.raises(OSError, match="not a regular file"):
+        write_bytes_atomic(fifo, b"x")
+    assert fifo.exists() and not fifo.is_file()
+    proc = run_ect("prepare-data", "--source", "digits", "--resolution", 8, "--out", fifo, check=False)
+    refused(proc, "not a regular file")
+
+
+def test_seeds_beyond_int64_and_label_bombs_are_refused_before_sampling(tmp_path):
+    import io
+    import zipfile
+
+    make_teacher(tmp_path / "t.pt")
+    proc = run_ect("sample", "--checkpoint", tmp_path / "t.pt", "--seeds", "18446744073709551615",
+                   "--out", tmp_path / "s.npz", check=False)
+    refused(proc, "2^63")
+    header = io.BytesIO()  # a 100-byte labels member declaring 2^40 entries (8 TiB once inflated)
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (2**40,)})
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as zf:
+        zf.writestr("labels.npy", header.getvalue())
+    from ect.data import load_labels
+
+    with pytest.raises(DatasetError, match="more than 100,000,000 items"):
+        load_labels(tmp_path / "bomb.npz")
+
+
+def test_edm2_checkpoints_with_nan_weights_or_heads_that_do_not_divide_are_refused_at_conversion(tmp_path):
+    from ect.networks import ArchError, check_arch
+    from tests.helpers import edm2_snapshot_bytes, randomized
+
+    kwargs = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2],
+                  num_blocks=1, attn_resolutions=[8], channels_per_head=16, dropout=0.0, use_fp16=True)
+    net = randomized(build_network({"kind": "edm2", **kwargs, "logvar_channels": 16}), scale=1.0)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(float("nan"))
+    (tmp_path / "nan.pkl").write_bytes(edm2_snapshot_bytes(net, kwargs))
+    refused(run_ect("convert-edm", tmp_path / "nan.pkl", tmp_path / "nan.pt", check=False), "NaN")
+    assert not (tmp_path / "nan.pt").exists()
+    with pytest.raises(ArchError, match="channels_per_head 5 must divide"):
+        check_arch({"kind": "edm2", **{**kwargs, "channels_per_head": 5}})

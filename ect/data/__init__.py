@@ -64,11 +64,27 @@ def load_dataset(path, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+MAX_LABELS = 100_000_000  # labels in one dataset: ImageNet has 1.28M
+
+
+def _check_npy_header(path, key: str, max_items: int) -> None:
+    """Refuse an array member whose header declares more than ``max_items`` items, before it is inflated."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(f)
+    if int(np.prod(shape, dtype=object)) > max_items:
+        raise DatasetError(f"dataset {path}: '{key}' declares shape {shape}, more than {max_items:,} items")
+
+
 def load_labels(path) -> np.ndarray:
     """A dataset's labels alone (the images are not read: ImageNet's are 15 GB)."""
     try:
+        _check_npy_header(path, "labels", MAX_LABELS)
         with np.load(path, allow_pickle=False) as f:
             labels = f["labels"]
+    except DatasetError:
+        raise
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):

@@ -60,7 +60,8 @@ def read_edm2_network(ema: PersistentRecord, globals_used: set) -> tuple[dict, d
     unknown = sorted(str(k)[:40] for k in kwargs if k not in EDM2_ARGS)
     if unknown:
         raise EDMFormatError(f"unsupported EDM2 network option(s) {unknown[:5]}")
-    state = {name: t.float() for name, t in record_state_dict(ema).items()}  # float16 on disk; ECT upcasts
+    state = record_state_dict(ema)  # float16 on disk: upcast by the load into the float32 network, after the
+    # shape check (tensors that share one storage would otherwise each be upcast first)
     logvar = state.get("logvar_fourier.freqs")
     arch = {"kind": "edm2", **{k: _plain(v) for k, v in kwargs.items()},
             "logvar_channels": int(logvar.shape[0]) if logvar is not None and logvar.ndim == 1 else 0}
@@ -122,6 +123,9 @@ def convert_edm_pickle(src, dst, sha256: str | None = None, log=print) -> dict:
         verify_sha256(src, sha256)
     arch, state, info = read_edm_network(src.read_bytes())
     check_weights(arch, state, f"{src}")  # every name and shape, before a network is built
+    bad = next((name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad is not None:
+        raise EDMFormatError(f"{src}: weight {bad} holds NaN or infinite values; nothing was written")
     net = build_network(arch)
     load_state_by_name(net, state)
     meta = {"source": str(src), "source_sha256": sha256 or "", "producer": "ect convert-edm", **info}
