@@ -37,10 +37,11 @@ def test_toy_edm2_runs_within_five_minutes_and_tuning_makes_few_steps_work(edm2_
     assert wall < 300, f"toy-edm2 took {wall:.0f} s"
     fid = {name: json.loads((repo / LAYOUT.fid(name)).read_text())["fid_mean"] for name in SAMPLE_SETS}
     print(fid, file=sys.stderr)
-    # The paper's point, class-conditional: the tuned model at 1 and 2 steps is far better than the
-    # teacher used as a 1-step model (measured: ~4x and ~9x; the thresholds leave room for seeds).
-    assert fid["ect-2step"] < fid["teacher-1step"] / 4
-    assert fid["ect-1step"] < fid["teacher-1step"] / 2
+    # The paper's point, class-conditional: 1 and 2 steps of the tuned model match the teacher's
+    # 11-evaluation sampler (measured: 42.0 and 37.9 against 47.3) and are far better than the teacher used
+    # as a 1-step model (1467). The thresholds leave room for another CPU's arithmetic.
+    assert fid["ect-2step"] < 1.25 * fid["teacher-heun"] and fid["ect-1step"] < 1.5 * fid["teacher-heun"]
+    assert fid["ect-1step"] < fid["teacher-1step"] / 10
     assert (repo / LAYOUT.report).is_file() and "a row per class" in (repo / LAYOUT.report).read_text()
 
 
