@@ -108,14 +108,15 @@ def _reconstruct_persistent_obj(meta):  # only its name matters: it is pickled b
 
 
 @contextlib.contextmanager
-def fake_torch_utils():
-    """Make ``torch_utils.persistence._reconstruct_persistent_obj`` resolvable while pickling."""
-    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    pkg.persistence = mod
-    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
-    sys.modules.update({"torch_utils": pkg, "torch_utils.persistence": mod})
+def fake_module(dotted: str, **attrs):
+    """Make ``package.module.<attr>`` importable while pickling (pickle stores globals by that name)."""
+    pkg_name, mod_name = dotted.split(".")
+    pkg, mod = types.ModuleType(pkg_name), types.ModuleType(dotted)
+    for name, value in attrs.items():
+        setattr(mod, name, value)
+    setattr(pkg, mod_name, mod)
+    saved = {k: sys.modules.get(k) for k in (pkg_name, dotted)}
+    sys.modules.update({pkg_name: pkg, dotted: mod})
     try:
         yield
     finally:
@@ -124,6 +125,12 @@ def fake_torch_utils():
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+
+
+def fake_torch_utils():
+    """Make ``torch_utils.persistence._reconstruct_persistent_obj`` resolvable while pickling."""
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    return fake_module("torch_utils.persistence", _reconstruct_persistent_obj=_reconstruct_persistent_obj)
 
 
 class Persistent:
@@ -212,21 +219,8 @@ class _EasyDict(dict):
 _EasyDict.__module__, _EasyDict.__qualname__, _EasyDict.__name__ = "dnnlib.util", "EasyDict", "EasyDict"
 
 
-@contextlib.contextmanager
 def fake_dnnlib():
-    pkg, mod = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
-    mod.EasyDict = _EasyDict
-    pkg.util = mod
-    saved = {k: sys.modules.get(k) for k in ("dnnlib", "dnnlib.util")}
-    sys.modules.update({"dnnlib": pkg, "dnnlib.util": mod})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    return fake_module("dnnlib.util", EasyDict=_EasyDict)
 
 
 def _edm2_convert(module, init_kwargs=None):
