@@ -293,7 +293,8 @@ class TrainState:
     def save(self) -> None:
         buf = io.BytesIO()  # serialised in memory first: a full disk then fails as an OSError naming the file
         torch.save({"net": self.net.state_dict(), "ema": self.ema.state_dict(),
-                    "pf_emas": [e.state_dict() for e in self.pf_emas], "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+                    "pf_emas": [e.state_dict() for e in self.pf_emas],
+                    "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
                     "stage": self.cfg.stage_at(self.iteration), "data_position": self.iteration * self.cfg.batch,
                     "rng_cpu": torch.get_rng_state(), "config_digest": self.cfg.digest(), "arch": self.arch,
                     "elapsed_s": self.elapsed_s}, buf)
