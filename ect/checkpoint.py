@@ -74,14 +74,18 @@ def load_state_by_name(net: torch.nn.Module, source: dict, allow_missing: bool =
     return sorted(set(source) - set(target))
 
 
+def nonfinite_weight(state_dict: dict) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, or None."""
+    return next((name for name, t in state_dict.items() if t.is_floating_point() and not t.isfinite().all()), None)
+
+
 def load_network(path, device="cpu", **arch_overrides) -> Precond:
     """The preconditioned network D(x; σ) stored at ``path``, in eval mode. Its weights must match its
     kwargs exactly and be finite."""
     ckpt = read_checkpoint(path)
     arch = {**ckpt["arch"], **arch_overrides}
     check_weights(arch, ckpt["state_dict"], str(path))
-    bad = next((name for name, t in ckpt["state_dict"].items() if t.is_floating_point() and not t.isfinite().all()),
-               None)
+    bad = nonfinite_weight(ckpt["state_dict"])
     if bad is not None:
         raise CheckpointError(f"{path}: weight {bad} holds NaN or infinite values; the checkpoint is unusable")
     net = build_network(arch)

@@ -344,13 +344,13 @@ def score_snapshot(path, config: dict, reference, extractor, sets: int, samples:
     drawing seeds 0 .. sets * samples - 1 (``reference``: the headline mode's mean and covariance;
     ``dataset``: where a class-conditional model's labels come from)."""
     from ect.checkpoint import load_network, read_checkpoint
-    from ect.sample import generate, labels_for
+    from ect.sample import LABEL_SAMPLING, generate, labels_for
 
     net = load_network(path, device=device)
     meta = read_checkpoint(path)["meta"]
     point = {"snapshot": Path(path).name, **{k: meta.get(k) for k in COST_KEYS}}
     seeds, batch = list(range(sets * samples)), config["sample"]["batch"]
-    labels = labels_for(net, seeds, config["sample"].get("class_labels", "dataset"), dataset)
+    labels = labels_for(net, seeds, config["sample"].get("class_labels", LABEL_SAMPLING[0]), dataset)
     for steps in config["fid"]["curve_steps"]:
         images = generate(net, seeds, steps=steps, t_mids=config["sample"]["t_mid"], batch=batch, device=device,
                           progress=False, labels=labels)

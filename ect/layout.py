@@ -104,7 +104,7 @@ class RunLayout:
         # A class-conditional run (sample.class_labels set) draws its sampling labels from the dataset's.
         self.labels_source = [self.dataset] if "class_labels" in config["sample"] else []
         # A downloaded teacher: one, or one per size of a scaling study (scaling.teachers).
-        self.teacher_downloads = ({size: entry for size, entry in self.scaling["teachers"].items()}
+        self.teacher_downloads = (dict(self.scaling["teachers"])
                                   if self.scaling and "teachers" in self.scaling else None)
         self.teacher_pickle = (f"resources/teachers/{posixpath.basename(teacher['url'])}"
                                if teacher["source"] == "edm" else None)

@@ -244,8 +244,6 @@ class EDM2Precond(nn.Module):
     scalings in train and eval mode. ``logvar_channels > 0`` adds EDM2's log-variance head (its
     uncertainty-weighted pretraining loss); ECT's student has none."""
 
-    kind = "edm2"
-
     def __init__(self, img_resolution=64, img_channels=3, label_dim=0, use_fp16=False, sigma_data=0.5,
                  logvar_channels=128, **unet_kwargs):
         super().__init__()

@@ -56,11 +56,11 @@ class SeededNoise:
         return torch.stack([torch.randn(self.shape, generator=g, dtype=torch.float64) for g in self.gens]).to(self.device)
 
 
-LABEL_SAMPLING = ("dataset", "uniform")  # sample.class_labels
+LABEL_SAMPLING = ("dataset", "uniform")  # sample.class_labels; the first is the default (ECT's protocol)
 LABEL_STREAM = 0x1ABE1  # keeps a seed's label draw apart from its noise stream
 
 
-def class_labels(seeds, label_dim: int, how: str = "dataset", dataset_labels: np.ndarray | None = None) -> np.ndarray:
+def class_labels(seeds, label_dim: int, how: str = LABEL_SAMPLING[0], dataset_labels: np.ndarray | None = None) -> np.ndarray:
     """One class per seed, from the seed's own generator: the label of a uniformly drawn training image
     ('dataset': the training set's class frequencies, ECT's protocol) or a uniform class ('uniform', EDM2's)."""
     if how not in LABEL_SAMPLING:
@@ -177,7 +177,7 @@ def set_settings(config: dict, name: str) -> dict:
     cfg, sample_set = config["sample"], SAMPLE_SETS[name]
     return {"seeds": f"0-{cfg['sets'] * cfg['samples_per_set'] - 1}", "sampler": sample_set.sampler,
             "steps": max(sample_set.steps, 1), "t_mid": cfg["t_mid"], "heun_steps": cfg["heun_steps"],
-            "batch": cfg["batch"], "class_labels": cfg.get("class_labels", "dataset")}
+            "batch": cfg["batch"], "class_labels": cfg.get("class_labels", LABEL_SAMPLING[0])}
 
 
 def nfe(sampler: str, steps: int, heun_steps: int = 18) -> int:
@@ -272,7 +272,7 @@ def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64, ga
     write_bytes_atomic(path, buf.getvalue())
 
 
-def labels_for(net, seeds, how: str = "dataset", dataset=None) -> np.ndarray | None:
+def labels_for(net, seeds, how: str = LABEL_SAMPLING[0], dataset=None) -> np.ndarray | None:
     """The class of each seed for a class-conditional network (None for an unconditional one); 'dataset'
     reads the training set's labels from ``dataset`` (our .npz)."""
     label_dim = getattr(net, "label_dim", 0)
@@ -298,7 +298,7 @@ def sample_to_files(checkpoint, out, settings: dict, grid=None, set_name: str | 
     sampler, steps, heun_steps = settings["sampler"], settings["steps"], settings["heun_steps"]
     check_sampler_settings(sampler, steps, settings["t_mid"], heun_steps, settings["batch"])
     net = load_network(checkpoint, device=device)
-    how = settings.get("class_labels", "dataset")
+    how = settings.get("class_labels", LABEL_SAMPLING[0])
     labels = labels_for(net, seeds, how, dataset)
     images = generate(net, seeds, sampler=sampler, steps=steps, t_mids=settings["t_mid"], heun_steps=heun_steps,
                       batch=settings["batch"], device=device, progress=progress, labels=labels)

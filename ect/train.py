@@ -529,8 +529,8 @@ def _train(cfg, d: Dist, stop: StopFlag, data_path, state_dir, out_path, init_pa
             _publish_snapshots(state_dir / "snapshots", Path(snapshot_dir))
         if log_path is not None:
             write_text_atomic(log_path, state.log_path.read_text() if state.log_path.exists() else "")
-        for std, e in zip((0.0, *cfg.pf_ema_stds), (ema, *pf_emas), strict=True):  # every EMA, for post-hoc choices
-            if cfg.pf_ema_stds:
+        if cfg.pf_ema_stds:  # every EMA, for post-hoc choices
+            for std, e in zip((0.0, *cfg.pf_ema_stds), (ema, *pf_emas), strict=True):
                 save_ema(state_dir / "emas" / (f"pf-{std:.3f}.pt" if std else "classic.pt"), e, std)
         save_ema(out_path)
     return {"iterations": state.iteration, "parameters": count_parameters(net), "arch": arch}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ect.checkpoint import check_weights, load_state_by_name, save_checkpoint
+from ect.checkpoint import check_weights, load_state_by_name, nonfinite_weight, save_checkpoint
 from ect.edm.pickle_reader import (
     EDMFormatError,
     PersistentRecord,
@@ -68,6 +68,13 @@ def read_edm2_network(ema: PersistentRecord, globals_used: set) -> tuple[dict, d
     return arch, state
 
 
+def _check_snapshot_arch(arch: dict) -> None:
+    try:
+        check_arch(arch)
+    except ArchError as exc:
+        raise EDMFormatError(f"the snapshot's network: {exc}") from None
+
+
 def read_edm_network(data: bytes) -> tuple[dict, dict, dict]:
     """Parse snapshot bytes -> (arch kwargs, state_dict, info about the pickled classes)."""
     globals_used: set = set()
@@ -77,10 +84,7 @@ def read_edm_network(data: bytes) -> tuple[dict, dict, dict]:
         raise EDMFormatError("snapshot has no persistent 'ema' network")
     if ema.class_name == "Precond":
         arch, state = read_edm2_network(ema, globals_used)
-        try:
-            check_arch(arch)
-        except ArchError as exc:
-            raise EDMFormatError(f"the snapshot's network: {exc}") from None
+        _check_snapshot_arch(arch)
         info = {"precond_class": "Precond (EDM2)", "module_src_sha256": ema.module_src_sha256,
                 "snapshot_keys": sorted(snapshot),
                 "logvar_head": "present (EDM2's loss weighting; not used by the ECT student)"
@@ -107,10 +111,7 @@ def read_edm_network(data: bytes) -> tuple[dict, dict, dict]:
                 ("img_resolution", None), ("img_channels", None), ("label_dim", 0), ("sigma_data", 0.5),
                 ("sigma_min", 0.0))}}
     arch.update({k: _plain(unet_kwargs[k]) for k in SONGUNET_ARGS if k in unet_kwargs})
-    try:
-        check_arch(arch)
-    except ArchError as exc:
-        raise EDMFormatError(f"the snapshot's network: {exc}") from None
+    _check_snapshot_arch(arch)
     info = {"precond_class": ema.class_name, "module_src_sha256": ema.module_src_sha256,
             "snapshot_keys": sorted(snapshot)}
     return arch, record_state_dict(ema), info
@@ -123,7 +124,7 @@ def convert_edm_pickle(src, dst, sha256: str | None = None, log=print) -> dict:
         verify_sha256(src, sha256)
     arch, state, info = read_edm_network(src.read_bytes())
     check_weights(arch, state, f"{src}")  # every name and shape, before a network is built
-    bad = next((name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    bad = nonfinite_weight(state)
     if bad is not None:
         raise EDMFormatError(f"{src}: weight {bad} holds NaN or infinite values; nothing was written")
     net = build_network(arch)
