@@ -34,9 +34,10 @@ lint: venv
 dvc: venv
 	PATH="$(BIN):$$PATH" $(PY) workflow/generate_dvc.py
 
-# docs/cli.md, from `ect --help` (tests/test_docs.py keeps it true).
+# docs/cli.md from `ect --help`, docs/config.md from the run spec (tests/test_docs.py keeps them true).
 docs: venv
 	$(PY) -c "from ect.cli import help_markdown; open('docs/cli.md', 'w').write(help_markdown())"
+	$(PY) -c "from ect.spec import config_reference; open('docs/config.md', 'w').write(config_reference())"
 
 bench: venv
 	$(PY) benchmarks/step_time.py

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ect.fid import FeatureExtractor, compute_features
-from ect.loss import ECTLossConfig, ect_loss
+from ect.loss import ect_loss
 from ect.networks import build_network, count_parameters
 from ect.sample import generate
+from ect.spec import ECTLoss
 from ect.train import ema_update
 
 CIFAR10 = dict(kind="ect", img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
@@ -47,7 +48,7 @@ def train_throughput(arch, batch, iters, device, bf16: bool) -> dict:
     net = build_network(arch).train().to(device)
     ema = build_network(arch).eval().requires_grad_(False).to(device)
     opt = torch.optim.RAdam(net.parameters(), lr=1e-4)
-    cfg = ECTLossConfig()
+    cfg = ECTLoss()
     res = arch["img_resolution"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -33,7 +33,8 @@ import yaml
 
 from ect.cost import device_info, iteration_flops, peak_tflops
 from ect.networks import build_network, count_parameters
-from ect.train import Dist, TrainConfig, TrainStep
+from ect.spec import Tune
+from ect.train import Dist, TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = dict(kind="ect", img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
@@ -52,11 +53,11 @@ def ours(arch: dict, batch: int, device: torch.device):
     torch.manual_seed(0)
     net = build_network(arch).train().to(device)
     ema = build_network(arch).eval().requires_grad_(False).to(device)
-    cfg = TrainConfig.from_dict({"batch": batch, "loss": {"double": 1}})  # iteration i is stage i
+    cfg = Tune.from_dict({"kimg": 1, "batch": batch, "loss": {"double": 1}})  # iteration i is stage i
     images = torch.randint(0, 256, (4 * batch, arch["img_channels"], arch["img_resolution"], arch["img_resolution"]),
                            dtype=torch.uint8)
     optimizer = torch.optim.RAdam(net.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    step = TrainStep(cfg, cfg.loss_config(), Dist(device=device), net, net, ema, optimizer, images, batch, batch,
+    step = TrainStep(cfg, Dist(device=device), net, net, ema, [], optimizer, images, None, batch, batch,
                      torch.contiguous_format, torch.autocast(device.type, enabled=False))
     return net, lambda: step(STAGE)
 

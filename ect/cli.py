@@ -61,7 +61,6 @@ def feature_args(p, scoring=True) -> None:
 
 def train_args(p, with_teacher: bool) -> None:
     config_arg(p)
-    p.add_argument("--section", help="config section to read (default: 'tune' or 'pretrain')")
     p.add_argument("--size", help="a scaling study's model size: its scaling.sizes overrides apply to the arch")
     p.add_argument("--data", required=True, help="dataset .npz written by 'ect' (uint8 images + labels)")
     if with_teacher:
@@ -125,6 +124,10 @@ def run_fetch(args) -> int:
     result = fetch(args.url, args.out, md5=args.md5, sha256=args.sha256, record=args.record, size=args.size,
                    timeout=args.timeout, retries=args.retries, progress=not args.no_progress,
                    allow_unverified=args.unverified, max_bytes=args.max_bytes)
+    if args.provenance:
+        from ect.fileio import write_json_atomic
+
+        write_json_atomic(args.provenance, {"url": args.url, **result})
     say(f"wrote {args.out} ({result['size']} bytes, sha256 {result['sha256']}, md5 {result['md5']}; "
         f"{result['verified']})")
     if result["verified"] == "unverified" or (result["verified"] == "pinned" and not args.sha256):
@@ -132,36 +135,49 @@ def run_fetch(args) -> int:
     return 0
 
 
-def run_train(args) -> int:
-    from ect.config import load_config
-    from ect.train import TrainConfig, run_cli
+def settings_of(args, step: str):
+    """The settings a step may read (ect/spec.py: STEP_READS), from its --config files (and --size)."""
+    from ect.spec import load_spec, step_settings
 
-    cfg = TrainConfig.from_config(load_config(*args.config), args.section or args.command, args.objective,
-                                  size=args.size)
+    return step_settings(load_spec(*args.config), step, {"size": getattr(args, "size", None)})
+
+
+def run_train(args) -> int:
+    from ect.spec import training_options
+    from ect.train import run_cli
+
+    cfg = training_options(settings_of(args, args.command), args.command, size=args.size)
     set_threads(args.threads)
     return run_cli(cfg, data_path=args.data, state_dir=args.state_dir, out_path=args.out,
                    init_path=getattr(args, "teacher", None), snapshot_dir=getattr(args, "snapshots", None),
                    log_path=args.log, progress=not args.no_progress)
 
 
-SAMPLE_FLAGS = {"seeds": "0-63", "sampler": "consistency", "steps": 1, "t_mid": [0.821], "heun_steps": 18,
-                "batch": 256, "class_labels": "dataset"}
+def sample_flag_defaults() -> dict:
+    """What `ect sample` draws without a config: the spec's sampling defaults, seeds 0-63, one step."""
+    from ect.sample import LABEL_SAMPLING
+    from ect.spec import Sample, field_default
+
+    return {"seeds": "0-63", "sampler": "consistency", "steps": 1, "t_mid": list(field_default(Sample, "t_mid")),
+            "heun_steps": field_default(Sample, "heun_steps"), "batch": field_default(Sample, "batch"),
+            "class_labels": LABEL_SAMPLING[0]}
 
 
 def sample_settings(args) -> dict:
     """The sampler settings: from the config's 'sample' section for a named set, else from the flags."""
-    from ect.config import ConfigError, load_config
     from ect.layout import SAMPLE_SETS
     from ect.sample import set_settings
+    from ect.typed import ConfigError
 
-    given = [k for k in SAMPLE_FLAGS if getattr(args, k) is not None]
+    defaults = sample_flag_defaults()
+    given = [k for k in defaults if getattr(args, k) is not None]
     if not args.config:
-        return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in SAMPLE_FLAGS.items()}
+        return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
     if not args.set:
         raise ConfigError("--config needs --set (one of " + ", ".join(SAMPLE_SETS) + ")")
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} cannot be combined with --config: the config sets it")
-    return set_settings(load_config(*args.config), args.set)
+    return set_settings(settings_of(args, "sample"), args.set)
 
 
 def run_sample(args) -> int:
@@ -184,14 +200,13 @@ def run_merge_samples(args) -> int:
 
 
 def run_feature_net(args) -> int:
-    from ect.config import load_config
     from ect.data import load_dataset
     from ect.feature_net import train_feature_net
 
-    cfg = load_config(*args.config)["fid"]["feature_net"]
+    net = settings_of(args, "feature_net").fid.feature_net
     images, labels = load_dataset(args.data)
     set_threads(args.threads)
-    meta = train_feature_net(images, labels, args.out, seed=cfg.get("seed", 0), epochs=cfg.get("epochs", 15))
+    meta = train_feature_net(images, labels, args.out, seed=net.seed, epochs=net.epochs)
     say(f"wrote {args.out}: held-out accuracy {meta['holdout_accuracy']:.4f}")
     return 0
 
@@ -226,11 +241,10 @@ def shard_spec(text: str) -> tuple[int, int]:
 
 
 def run_fid(args) -> int:
-    from ect.config import load_config
     from ect.fid import score_samples
     from ect.fileio import write_json_atomic
 
-    result = score_samples(load_config(*args.config), args.samples, args.ref, args.feature_net, setup_device(args),
+    result = score_samples(settings_of(args, "fid"), args.samples, args.ref, args.feature_net, setup_device(args),
                            progress=not args.no_progress)
     write_json_atomic(args.out, result)
     say(f"FID ({result['mode']}) {result['fid_min']:.3f} (min of {result['sets']}), {result['fid_mean']:.3f} "
@@ -239,11 +253,10 @@ def run_fid(args) -> int:
 
 
 def run_fid_curve(args) -> int:
-    from ect.config import load_config
     from ect.fid import curve_table, fid_curve
     from ect.fileio import write_json_atomic, write_text_atomic
 
-    curve = fid_curve(load_config(*args.config), args.snapshots, args.ref, args.feature_net, setup_device(args),
+    curve = fid_curve(settings_of(args, "fid_curve"), args.snapshots, args.ref, args.feature_net, setup_device(args),
                       progress=not args.no_progress, dataset=args.dataset)
     write_json_atomic(args.out, curve)
     if args.table:
@@ -253,19 +266,17 @@ def run_fid_curve(args) -> int:
 
 
 def run_report(args) -> int:
-    from ect.config import load_config
     from ect.report import build_report
 
-    say(f"wrote {build_report(load_config(*args.config), list(args.config), args.out)}")
+    say(f"wrote {build_report(settings_of(args, 'report'), list(args.config), args.out)}")
     return 0
 
 
 def run_scaling_point(args) -> int:
-    from ect.config import load_config
     from ect.fid import scaling_point
     from ect.fileio import write_json_atomic
 
-    point = scaling_point(load_config(*args.config), args.snapshots, args.kimg, args.size, args.ref, args.feature_net,
+    point = scaling_point(settings_of(args, "scaling_point"), args.snapshots, args.kimg, args.size, args.ref, args.feature_net,
                           setup_device(args), dataset=args.dataset)
     write_json_atomic(args.out, point)
     say(f"size {args.size} at {args.kimg:g} kimg: " + ", ".join(
@@ -313,7 +324,6 @@ class Step:
     description: str  # `ect <step> --help`
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-    defaults: tuple = ()  # extra (name, value) defaults of the parsed arguments
 
 
 def _convert_edm_args(p):
@@ -347,6 +357,8 @@ def _fetch_args(p):
                    help=f"with no --md5/--sha256: trust on first use. Verify against the URL's entry in FILE (the "
                         f"pipeline's is {RECORD_FILE}), or, the first time, record the file's sha256 there to commit")
     p.add_argument("--size", type=non_negative_int, help="expected size in bytes (config: size)")
+    p.add_argument("--provenance", metavar="JSON",
+                   help="also write how the file was fetched and verified (url, size, digests, how) to this file")
     p.add_argument("--max-bytes", type=positive_int, default=MAX_BYTES,
                    help=f"refuse a file larger than this (default {MAX_BYTES})")
     p.add_argument("--unverified", action="store_true",
@@ -358,22 +370,25 @@ def _fetch_args(p):
 
 def _sample_args(p):
     from ect.layout import SAMPLE_SETS
+    from ect.sample import LABEL_SAMPLING
 
+    default = sample_flag_defaults()
     p.add_argument("--checkpoint", required=True, help="our checkpoint (.pt)")
     p.add_argument("--out", required=True, help="output .npz (images uint8 NHWC, seeds, meta)")
     p.add_argument("--grid", help="also write a PNG grid of the first 64 images")
     config_arg(p, required=False)
     p.add_argument("--set", choices=list(SAMPLE_SETS), help="which of the pipeline's sample sets (with --config)")
-    p.add_argument("--seeds", help="seed list, e.g. '0-49999' or '0-99,200-299' (default 0-63)")
-    p.add_argument("--sampler", choices=["consistency", "heun"], help="default consistency")
-    p.add_argument("--steps", type=positive_int, help="consistency steps (default 1)")
+    p.add_argument("--seeds", help=f"seed list, e.g. '0-49999' or '0-99,200-299' (default {default['seeds']})")
+    p.add_argument("--sampler", choices=["consistency", "heun"], help=f"default {default['sampler']}")
+    p.add_argument("--steps", type=positive_int, help=f"consistency steps (default {default['steps']})")
     p.add_argument("--t-mid", type=float, nargs="+", help="intermediate times in (0, 80) for multi-step sampling "
-                                                          "(default 0.821)")
-    p.add_argument("--heun-steps", type=positive_int, help="Heun steps, at least 2 (default 18 -> 35 evaluations)")
-    p.add_argument("--batch", type=positive_int, help="default 256")
-    p.add_argument("--class-labels", choices=["dataset", "uniform"],
+                                                          f"(default {' '.join(map(str, default['t_mid']))})")
+    p.add_argument("--heun-steps", type=positive_int, help=f"Heun steps, at least 2 (default {default['heun_steps']} "
+                                                           f"-> {2 * default['heun_steps'] - 1} evaluations)")
+    p.add_argument("--batch", type=positive_int, help=f"default {default['batch']}")
+    p.add_argument("--class-labels", choices=list(LABEL_SAMPLING),
                    help="class-conditional models: each seed's class drawn with the training set's class "
-                        "frequencies (default; needs --dataset) or uniformly")
+                        f"frequencies ({LABEL_SAMPLING[0]}, the default; needs --dataset) or uniformly")
     dataset_arg(p)
     device_args(p)
 
@@ -490,12 +505,11 @@ STEPS = [
          "prefetch' runs every download of a preset.", _fetch_args, run_fetch),
     Step("pretrain", "train a small EDM teacher with EDM's loss (toy presets)",
          "Train an EDM-preconditioned network from scratch with EDM's denoising loss. Options come from the config's "
-         "'pretrain' section." + RESUME_HELP, lambda p: train_args(p, with_teacher=False), run_train,
-         (("objective", "edm"),)),
+         "'pretrain' section." + RESUME_HELP, lambda p: train_args(p, with_teacher=False), run_train),
     Step("tune", "ECT: tune a teacher into a consistency model",
          "Easy Consistency Tuning from a teacher checkpoint. Options come from the config's 'tune' section. Runs under "
          "torchrun for DDP (global batch fixed)." + RESUME_HELP, lambda p: train_args(p, with_teacher=True),
-         run_train, (("objective", "ect"),)),
+         run_train),
     Step("sample", "generate images (consistency 1/2-step, or the teacher's Heun sampler)",
          "Generate images; image i uses a generator seeded with i, so any seed subset is reproducible and jobs can be "
          "split and merged. Writes uint8 NHWC .npz (+ PNG grid). With --config and --set, the sampler settings come "
@@ -557,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     for step in STEPS:
         p = sub.add_parser(step.name, help=step.summary, description=step.description)
         step.arguments(p)
-        p.set_defaults(func=step.run, **dict(step.defaults))
+        p.set_defaults(func=step.run)
     return parser
 
 

@@ -1,30 +1,21 @@
-"""Presets: YAML files merged in order (a preset, then overlays), validated against the schema.
+"""Config files: a preset (which may name a base it overlays) and overlays, read and merged in order.
 
-The schema ships inside the package (``ect/schemas/config.schema.yaml``), so ``ect`` works from an
-installed wheel; Snakemake validates with the same function at start. After the schema, the checks it
-cannot express (divisibility, cross-section consistency) run here too, so every bad value stops a run
-before anything starts.
-Merging is Snakemake's ``--configfile`` rule: mappings merge key by key, anything else (lists
-included) is replaced, so ``ect <step> --config a.yaml b.yaml`` sees what Snakemake sees.
+Merging is Snakemake's ``--configfile`` rule: mappings merge key by key, anything else (lists included)
+is replaced, so ``ect <step> --config a.yaml b.yaml`` sees what Snakemake sees. A preset's ``base:``
+(a file relative to the preset, under ``config/base/``) is read before it, so a family of presets
+states only what differs from their base. The files are untrusted text: no YAML aliases, no repeated
+keys, a size cap. What the values mean, and every check of them, is the run spec (``ect/spec.py``).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+from ect.typed import ConfigError
 
-
-# Training options that decide only when a run logs a tick and saves its resumable state, never what
-# it computes: a run resumes under other values (more frequent saves on a cluster that preempts, say),
-# and changing them reruns no pipeline step.
-CADENCE_KEYS = ("tick_kimg", "state_kimg")
-
-
-class ConfigError(ValueError):
-    pass
+MAX_CONFIG_BYTES = 1 << 20
+MAX_BASE_DEPTH = 4  # a base may itself have a base, this deep
 
 
 def merge(base: dict, overlay: dict) -> dict:
@@ -34,129 +25,86 @@ def merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-MAX_CONFIG_BYTES = 1 << 20
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without anchors and aliases: presets need none, and aliases let a small file expand
-    exponentially when it is merged, validated or printed."""
+class StrictLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases (they let a small file expand exponentially when it is merged,
+    checked or printed) and without a key twice in one mapping (the second would silently win)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise ConfigError(f"YAML aliases (*name) are not allowed in a config (line {self.peek_event().start_mark.line + 1})")
+            raise ConfigError(f"YAML aliases (*name) are not allowed (line {self.peek_event().start_mark.line + 1})")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise ConfigError(f"key {str(key)[:80]!r} appears twice in one mapping "
+                                      f"(line {key_node.start_mark.line + 1})")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_text(text: str, what: str):
+    """Untrusted YAML text to data, with the rules of :class:`StrictLoader`."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
 
 
 def read_yaml(path) -> dict:
+    """One config file as a mapping."""
     path = Path(path)
     try:
+        if not path.is_file():
+            raise ConfigError(f"cannot read config {path}: not a regular file" if path.exists()
+                              else f"cannot read config {path}: No such file or directory")
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes: not a preset")
-        cfg = yaml.load(path.read_text(), Loader=_NoAliasLoader)
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(exc).split())[:300]}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
+    cfg = load_yaml_text(text, f"config {path}")
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {path} must be a mapping at top level")
     return cfg
 
 
-def validate_config(cfg: dict, source: str = "config") -> dict:
-    """Raise one :class:`ConfigError` naming the first bad key or value; return ``cfg``."""
-    import jsonschema
-
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.absolute_path))
-    if errors:
-        err = jsonschema.exceptions.best_match(errors)
-        where = ".".join(str(p) for p in err.absolute_path) or "top level"
-        if err.validator == "additionalProperties":
-            unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            known = ", ".join(sorted(err.schema.get("properties", {})))
-            raise ConfigError(f"{source}: unknown key {', '.join(repr(u) for u in unknown)} in {where} "
-                              f"(known: {known})")
-        raise ConfigError(f"{source}: {where}: {err.message[:300]}")
-    for problem in semantic_problems(cfg):
-        raise ConfigError(f"{source}: {problem}")
-    return cfg
+def preset_chain(path) -> list[Path]:
+    """A preset file after the bases it overlays, the deepest base first."""
+    chain = [Path(path)]
+    while True:
+        base = read_yaml(chain[0]).get("base")
+        if base is None:
+            return chain
+        if not isinstance(base, str) or not base.endswith(".yaml"):
+            raise ConfigError(f"{chain[0]}: base: {str(base)[:80]!r} is not a .yaml file name")
+        parent = (chain[0].parent / base)
+        if parent.resolve() in {p.resolve() for p in chain} or len(chain) > MAX_BASE_DEPTH:
+            raise ConfigError(f"{chain[0]}: base: {base} makes a cycle or a chain deeper than {MAX_BASE_DEPTH}")
+        chain.insert(0, parent)
 
 
-def _numbers(value, where=""):
-    """(key path, number) of every number in a config (a tree: read_yaml allows no aliases)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _numbers(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _numbers(v, f"{where}.{i}")
-    elif isinstance(value, float):
-        yield where, value
-
-
-def semantic_problems(cfg: dict):
-    """What a schema cannot say: yield one message per problem (the caller reports the first)."""
-    for where, number in _numbers(cfg):
-        if not math.isfinite(number):  # NaN passes every numeric bound of a schema
-            yield f"{where}: {number} is not a finite number"
-    resources = cfg["resources"]
-    for section in ("pretrain", "tune"):
-        if section not in cfg:
-            continue
-        train = cfg[section]
-        gpus = max(1, {**resources["default"], **resources.get(section, {})}.get("gpu", 0))
-        if train["batch"] % gpus:
-            yield f"{section}.batch {train['batch']} does not split evenly over resources.{section}.gpu = {gpus} GPUs"
-        elif train.get("batch_gpu") and (train["batch"] // gpus) % train["batch_gpu"]:
-            yield (f"{section}.batch_gpu {train['batch_gpu']} does not divide the per-GPU batch "
-                   f"{train['batch'] // gpus} ({section}.batch {train['batch']} over {gpus} GPUs)")
-    yield from _scaling_problems(cfg)
-    t_mid, curve_steps = cfg["sample"]["t_mid"], cfg["fid"]["curve_steps"]
-    if max(curve_steps) - 1 > len(t_mid):
-        yield f"fid.curve_steps asks for {max(curve_steps)} steps but sample.t_mid has {len(t_mid)} intermediate times"
-
-
-def load_config(*paths, validate: bool = True) -> dict:
-    """Merge the YAML files in order and (by default) validate the result."""
+def config_files(*paths) -> list[Path]:
+    """Every file a run reads, in merge order: the preset's bases, the preset, the overlays. Only the
+    preset (the first file) may name a base."""
     if not paths:
         raise ConfigError("no config file given")
+    for overlay in paths[1:]:
+        if "base" in read_yaml(overlay):
+            raise ConfigError(f"{overlay}: only a preset (the first config file) may name a base")
+    return [*preset_chain(paths[0]), *map(Path, paths[1:])]
+
+
+def read_config(*paths) -> dict:
+    """The merged data of a preset (after its bases) and its overlays, unchecked (ect/spec.py checks it)."""
     cfg: dict = {}
-    for path in paths:
-        cfg = merge(cfg, read_yaml(path))
-    return validate_config(cfg, " + ".join(map(str, paths))) if validate else cfg
-
-
-def section(cfg: dict, name: str, path="config") -> dict:
-    if not isinstance(cfg.get(name), dict):
-        raise ConfigError(f"{path} has no '{name}' section")
-    return cfg[name]
-
-
-def _scaling_problems(cfg: dict):
-    """A scaling study's budgets must be snapshots of its tuning runs, and enough of them to fit."""
-    scaling = cfg.get("scaling")
-    if not scaling:
-        return
-    tune, budgets = cfg["tune"], scaling["budgets_kimg"]
-    if len(budgets) < 3:
-        yield f"scaling.budgets_kimg has {len(budgets)} points; a power law per size needs at least 3"
-    every = round(tune.get("snapshot_kimg", 0) * 1000 / tune["batch"])
-    for kimg in budgets:
-        iterations = kimg * 1000 / tune["batch"]
-        if kimg > tune["kimg"] or not every or abs(iterations - round(iterations)) > 1e-9 or round(iterations) % every:
-            yield (f"scaling.budgets_kimg: {kimg} is not a snapshot of the tuning run (tune.kimg {tune['kimg']}, "
-                   f"a snapshot every tune.snapshot_kimg = {tune.get('snapshot_kimg', 0)} kimg)")
-    if cfg["teacher"]["source"] != "pretrain" and any(scaling["sizes"].values()):
-        yield ("scaling.sizes: a downloaded teacher brings its architecture; its sizes take no arch overrides ({}): "
-               "give each size its own download in scaling.teachers")
-    sizes = set(scaling["sizes"])
-    for key in ("teachers", "tune"):
-        extra = sorted(set(scaling.get(key, {})) - sizes)
-        if extra:
-            yield f"scaling.{key} names sizes {extra} that scaling.sizes does not have"
-    teachers = scaling.get("teachers")
-    if teachers is not None and (cfg["teacher"]["source"] == "pretrain" or set(teachers) != sizes):
-        yield ("scaling.teachers: a download for every size of scaling.sizes, and only with a downloaded teacher "
-               "(teacher.source: edm)")
-    if teachers is None and cfg["teacher"]["source"] != "pretrain" and len(sizes) > 1:
-        yield "scaling.sizes: several sizes with a downloaded teacher need a teacher each (scaling.teachers)"
+    for path in config_files(*paths):
+        cfg = merge(cfg, {k: v for k, v in read_yaml(path).items() if k != "base"})
+    return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,14 +21,13 @@ import torch
 from tqdm import tqdm
 
 from ect.fileio import sha256_file, verify_sha256, write_bytes_atomic
+from ect.layout import snapshot_name
+from ect.spec import FID_MODES as MODES
+from ect.spec import INCEPTION_FILE
 
 
 class FIDError(ValueError):
     pass
-
-
-MODES = ("legacy_tensorflow", "clean")  # clean-fid's names; legacy_tensorflow is the paper's protocol
-INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
 def load_feature_net(path, sha256: str | None = None, device="cpu"):
@@ -295,11 +295,11 @@ def merge_reference_shards(paths, out) -> dict:
     return {**meta, "modes": list(stats), "shards": n}
 
 
-def open_reference(config: dict, ref_path, feature_net, device, modes=None):
+def open_reference(settings, ref_path, feature_net, device, modes=None):
     """The reference statistics and the matching extractors; refuse a pair that does not belong together."""
     ref, ref_meta = load_stats(ref_path)
-    net = config["fid"]["feature_net"]
-    ex = extractors(net["kind"], net.get("sha256"), modes or config["fid"]["modes"], feature_net, device)
+    net = settings.fid.feature_net
+    ex = extractors(net.kind, net.sha256, modes or settings.fid.modes, feature_net, device)
     digest = next(iter(ex.values())).sha256
     if ref_meta.get("feature_net_sha256") != digest:
         raise FIDError(f"reference statistics {ref_path} were computed with another feature network "
@@ -310,14 +310,14 @@ def open_reference(config: dict, ref_path, feature_net, device, modes=None):
     return ref, ref_meta, ex, digest
 
 
-def score_samples(config: dict, samples_path, ref_path, feature_net, device, progress: bool = False) -> dict:
+def score_samples(settings, samples_path, ref_path, feature_net, device, progress: bool = False) -> dict:
     """FID of each seed-ordered set of a samples file in every mode (min, mean, each): the result JSON."""
-    from ect.fileio import sha256_file
     from ect.sample import load_samples
 
-    sets, batch = config["sample"]["sets"], config["sample"]["batch"]
+    started = time.perf_counter()
+    sets, batch = settings.sample.sets, settings.sample.batch
     images, seeds, sample_meta = load_samples(samples_path)
-    ref, ref_meta, ex, digest = open_reference(config, ref_path, feature_net, device)
+    ref, ref_meta, ex, digest = open_reference(settings, ref_path, feature_net, device)
     if ref_meta.get("resolution") not in (None, images.shape[1]):
         raise FIDError(f"{samples_path} holds {images.shape[1]}x{images.shape[2]} images, but the reference "
                        f"statistics {ref_path} are of {ref_meta['resolution']}x{ref_meta['resolution']} images")
@@ -327,19 +327,21 @@ def score_samples(config: dict, samples_path, ref_path, feature_net, device, pro
     for mode, e in ex.items():
         fids = fid_of_sets(compute_features(images, e, batch, progress), *ref[mode], sets)
         modes[mode] = {"fid_min": min(fids), "fid_mean": sum(fids) / len(fids), "fid_sets": fids}
-    headline = config["fid"]["modes"][0]
+    headline = settings.fid.modes[0]
     return {**modes[headline], "mode": headline, "modes": modes, "sets": sets,
             "samples_per_set": len(images) // sets, "seeds": [int(seeds[0]), int(seeds[-1])],
             "samples_sha256": sha256_file(samples_path), "feature_net_sha256": digest, "reference": ref_meta,
             **{k: sample_meta[k] for k in ("set", "sampler", "steps", "nfe", "t_mid", "checkpoint_sha256")
-               if k in sample_meta}}
+               if k in sample_meta},
+            "runs": {"sample": sample_meta.get("run"), "fid": {"elapsed_s": time.perf_counter() - started,
+                                                                "device": str(device)}}}
 
 
 COST_KEYS = ("kimg", "elapsed_s", "device_hours", "flops")  # of a snapshot, from its meta (ect/train.py)
 CURVE_COLUMNS = ("snapshot", *COST_KEYS)
 
 
-def score_snapshot(path, config: dict, reference, extractor, sets: int, samples: int, device, dataset=None) -> dict:
+def score_snapshot(path, settings, reference, extractor, sets: int, samples: int, device, dataset=None) -> dict:
     """A snapshot's cost (from its meta) and its FID sets at each of fid.curve_steps consistency steps,
     drawing seeds 0 .. sets * samples - 1 (``reference``: the headline mode's mean and covariance;
     ``dataset``: where a class-conditional model's labels come from)."""
@@ -349,48 +351,48 @@ def score_snapshot(path, config: dict, reference, extractor, sets: int, samples:
     net = load_network(path, device=device)
     meta = read_checkpoint(path)["meta"]
     point = {"snapshot": Path(path).name, **{k: meta.get(k) for k in COST_KEYS}}
-    seeds, batch = list(range(sets * samples)), config["sample"]["batch"]
-    labels = labels_for(net, seeds, config["sample"].get("class_labels", LABEL_SAMPLING[0]), dataset)
-    for steps in config["fid"]["curve_steps"]:
-        images = generate(net, seeds, steps=steps, t_mids=config["sample"]["t_mid"], batch=batch, device=device,
+    seeds, batch = list(range(sets * samples)), settings.sample.batch
+    labels = labels_for(net, seeds, settings.sample.class_labels or LABEL_SAMPLING[0], dataset)
+    for steps in settings.fid.curve_steps:
+        images = generate(net, seeds, steps=steps, t_mids=settings.sample.t_mid, batch=batch, device=device,
                           progress=False, labels=labels)
         point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, extractor, batch), *reference, sets)
     return point
 
 
-def fid_curve(config: dict, snapshot_dir, ref_path, feature_net, device, progress: bool = False, dataset=None) -> dict:
+def fid_curve(settings, snapshot_dir, ref_path, feature_net, device, progress: bool = False, dataset=None) -> dict:
     """FID (headline mode, fid.curve_steps steps, seeds 0..fid.curve_samples-1) of every snapshot in a
     directory: FID against training budget."""
     from tqdm import tqdm
 
-    mode = config["fid"]["modes"][0]
-    ref, _, ex, digest = open_reference(config, ref_path, feature_net, device, modes=[mode])
+    started = time.perf_counter()
+    mode, samples = settings.fid.modes[0], settings.fid.curve_samples
+    ref, _, ex, digest = open_reference(settings, ref_path, feature_net, device, modes=[mode])
     snapshots = sorted(Path(snapshot_dir).glob("*.pt"))
     if not snapshots:
         raise FIDError(f"no snapshots (*.pt) in {snapshot_dir}")
     points = []
     for path in tqdm(snapshots, desc="snapshots", disable=not progress):
-        point = score_snapshot(path, config, ref[mode], ex[mode], 1, config["fid"]["curve_samples"], device, dataset)
+        point = score_snapshot(path, settings, ref[mode], ex[mode], 1, samples, device, dataset)
         points.append({k: v[0] if k.startswith("fid_") else v for k, v in point.items()})
         if progress:
             print(json.dumps(points[-1]), flush=True)
-    return {"samples": config["fid"]["curve_samples"], "mode": mode, "feature_net_sha256": digest, "points": points}
+    return {"samples": samples, "mode": mode, "feature_net_sha256": digest, "points": points,
+            "run": {"elapsed_s": time.perf_counter() - started, "device": str(device)}}
 
 
-def scaling_point(config: dict, snapshot_dir, kimg: float, size: str, ref_path, feature_net, device,
+def scaling_point(settings, snapshot_dir, kimg: float, size: str, ref_path, feature_net, device,
                   dataset=None) -> dict:
     """One point of a scaling study: the snapshot of a size's tuning run at ``kimg``, scored with
     scaling.sets sets of scaling.samples at each of fid.curve_steps steps."""
-    from ect.train import snapshot_name
-
-    mode = config["fid"]["modes"][0]
-    ref, _, ex, digest = open_reference(config, ref_path, feature_net, device, modes=[mode])
+    mode = settings.fid.modes[0]
+    ref, _, ex, digest = open_reference(settings, ref_path, feature_net, device, modes=[mode])
     path = Path(snapshot_dir) / snapshot_name(round(kimg * 1000))
     if not path.exists():
         raise FIDError(f"no snapshot at {kimg:g} kimg in {snapshot_dir} ({path.name}): scaling.budgets_kimg must be "
                        "multiples of tune.snapshot_kimg")
-    sets, samples = config["scaling"]["sets"], config["scaling"]["samples"]
-    point = score_snapshot(path, config, ref[mode], ex[mode], sets, samples, device, dataset)
+    sets, samples = settings.scaling.sets, settings.scaling.samples
+    point = score_snapshot(path, settings, ref[mode], ex[mode], sets, samples, device, dataset)
     return {"size": size, **point, "mode": mode, "sets": sets, "samples": samples, "feature_net_sha256": digest}
 
 

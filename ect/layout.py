@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-
-from ect.config import CADENCE_KEYS
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -39,90 +38,42 @@ SAMPLE_SETS = {
     "ect-2step": SampleSet("tuned", "consistency", 2, "ECT, 2 steps", "fid_2step"),
 }
 
-# The config keys each step reads from the config files it is given: they are the step's params in
-# Snakemake and in DVC, so changing one reruns exactly the steps that read it. "" is the whole config
-# (the report shows it). Steps that are not listed read no config file: their few values are on their
-# command line (steps whose outputs several presets share, under resources/).
-STEP_READS = {
-    "feature_net": ("fid.feature_net",),
-    "pretrain": ("pretrain", "scaling.sizes.{size}"),
-    "tune": ("tune", "scaling.tune.{size}"),
-    "sample": ("sample",),
-    "fid": ("sample.sets", "fid.modes"),
-    "fid_curve": ("fid", "sample.t_mid", "sample.class_labels"),
-    "scaling_point": ("scaling.samples", "scaling.sets", "sample.t_mid", "sample.class_labels", "fid.curve_steps",
-                      "fid.modes"),
-    "report": ("",),
-}
-TRAINING_SECTIONS = ("pretrain", "tune")
-
-
-def lookup(config: dict, key: str):
-    """``config["a"]["b"]`` for ``"a.b"``; the whole config for ``""``."""
-    value = config
-    for part in filter(None, key.split(".")):
-        value = value[part]
-    return value
-
-
-def step_settings(config: dict, step: str, wildcards: dict | None = None) -> dict[str, object]:
-    """The values a step reads, by key. A training section leaves out CADENCE_KEYS (when to save and
-    log): changing them reruns nothing, and a run in progress resumes under the new values. A key with a
-    ``{wildcard}`` is the job's (a scaling study's size); a key the config lacks (an optional section or
-    value) is skipped."""
-    out = {}
-    for key in STEP_READS.get(step, ()):
-        if key and key.split(".")[0] not in config:
-            continue
-        key = key.format(**(wildcards or {}))
-        if key in TRAINING_SECTIONS:
-            out.update({f"{key}.{k}": v for k, v in config.get(key, {}).items() if k not in CADENCE_KEYS})
-            continue
-        try:
-            out[key] = lookup(config, key)
-        except KeyError:
-            continue
-    return out
-
-
 class RunLayout:
-    """The paths of one run, from its (validated) config. In a scaling study the per-size paths hold
+    """The paths of one run, from its spec (``ect/spec.py``). In a scaling study the per-size paths hold
     ``size`` (by default the ``{size}`` wildcard of the rules)."""
 
-    def __init__(self, config: dict, size: str = "{size}"):
-        self.run = config["run"]
-        self.scaling = config.get("scaling")
-        dataset, teacher, feature_net = config["dataset"], config["teacher"], config["fid"]["feature_net"]
+    def __init__(self, spec, size: str = "{size}"):
+        self.run = spec.run
+        self.scaling = spec.scaling
+        dataset, teacher, feature_net = spec.dataset, spec.teacher, spec.fid.feature_net
         self.results = f"results/{self.run}"
         self.report_dir = f"reports/{self.run}"
         self.report = f"{self.report_dir}/index.html"
 
         # Shared by every run on the same data (resources/).
-        self.dataset = f"resources/datasets/{dataset['source']}-{dataset['resolution']}/dataset.npz"
-        self.dataset_archive = (f"resources/downloads/{posixpath.basename(dataset['url'])}"
-                                if dataset.get("url") else None)
+        self.dataset = f"resources/datasets/{dataset.source}-{dataset.resolution}/dataset.npz"
+        self.dataset_archive = f"resources/downloads/{posixpath.basename(dataset.url)}" if dataset.url else None
         # A class-conditional run (sample.class_labels set) draws its sampling labels from the dataset's.
-        self.labels_source = [self.dataset] if "class_labels" in config["sample"] else []
+        self.labels_source = [self.dataset] if spec.sample.class_labels else []
         # A downloaded teacher: one, or one per size of a scaling study (scaling.teachers).
-        self.teacher_downloads = (dict(self.scaling["teachers"])
-                                  if self.scaling and "teachers" in self.scaling else None)
-        self.teacher_pickle = (f"resources/teachers/{posixpath.basename(teacher['url'])}"
-                               if teacher["source"] == "edm" else None)
-        if feature_net["kind"] == "inception":  # a download; its statistics serve every run on the dataset
-            self.feature_net = f"resources/fid/{posixpath.basename(feature_net['url'])}"
-            self.reference = f"resources/fid/{dataset['source']}-{dataset['resolution']}-inception-reference.npz"
+        self.teacher_downloads = dict(self.scaling.teachers) if self.scaling and self.scaling.teachers else None
+        self.teacher_pickle = (f"resources/teachers/{posixpath.basename(teacher.url)}"
+                               if teacher.source == "edm" else None)
+        if feature_net.kind == "inception":  # a download; its statistics serve every run on the dataset
+            self.feature_net = f"resources/fid/{posixpath.basename(feature_net.url)}"
+            self.reference = f"resources/fid/{dataset.source}-{dataset.resolution}-inception-reference.npz"
         else:  # the toy's digits classifier, trained by the run
             self.feature_net = f"{self.results}/fid/feature-net.pt"
             self.reference = f"{self.results}/fid/reference.npz"
         # Reference statistics of a large dataset are computed in shards (a job each) and merged.
-        self.reference_shards = config["fid"].get("reference_shards", 1)
+        self.reference_shards = spec.fid.reference_shards
         # What the fetch rules download: rule -> (path, the config entry with its url and checksums).
         teachers = ([(f"fetch_teacher_{size}", self.teacher_pickle_of(size), entry)
                      for size, entry in self.teacher_downloads.items()] if self.teacher_downloads
                     else [("fetch_teacher", self.teacher_pickle, teacher)])
         self.downloads = {rule: (path, entry) for rule, path, entry in (
             ("fetch_dataset", self.dataset_archive, dataset), *teachers,
-            ("fetch_feature_net", self.feature_net if feature_net["kind"] == "inception" else None, feature_net),
+            ("fetch_feature_net", self.feature_net if feature_net.kind == "inception" else None, feature_net),
         ) if path}
 
         # The run's own files (a scaling study's: each size's).
@@ -142,14 +93,46 @@ class RunLayout:
         # A scaling study: a FID point per (size, budget), the points as one table, the power-law fits.
         self.scaling_dir = f"{self.results}/scaling"
         self.scaling_points = f"{self.scaling_dir}/points.csv"
+        self._jobs = self._job_names(spec)
+
+    def _job_names(self, spec) -> list[tuple[str, str]]:
+        """(the rule whose resources it takes, job name) of every job of the run but the report; a job's name
+        is its log's and its benchmark's (a test keeps this equal to Snakemake's DAG)."""
+        jobs = [(rule, rule) for rule in self.downloads] + [("dataset", "dataset")]
+        if spec.fid.feature_net.kind == "digits-classifier":
+            jobs.append(("feature_net", "feature_net"))
+        if self.reference_shards > 1:
+            jobs += [("fid_reference", f"fid_reference-{i}") for i in range(self.reference_shards)]
+        jobs.append(("fid_reference_merge" if self.reference_shards > 1 else "fid_reference", "fid_reference"))
+        model = "pretrain" if spec.teacher.source == "pretrain" else "teacher"
+        sizes = list(self.scaling.sizes) if self.scaling else [None]
+        for size in sizes:
+            jobs += [(model, model + (f"-{size}" if size else "")), ("tune", "tune" + (f"-{size}" if size else ""))]
+        if self.scaling:
+            jobs += [("scaling_point", f"scaling_point-{size}-{kimg:g}") for size in sizes
+                     for kimg in self.scaling.budgets_kimg]
+            jobs += [("scaling_points", "scaling_points")]
+            jobs += [("scaling_fit", f"scaling_fit-{fit}") for fit in self.scaling_fit_names(spec.fid.curve_steps)]
+        else:
+            jobs += [(rule, f"{rule}-{name}") for rule in ("sample", "fid") for name in SAMPLE_SETS]
+            jobs.append(("fid_curve", "fid_curve"))
+        return jobs
+
+    def jobs(self) -> list[tuple[str, str]]:
+        return list(self._jobs)
+
+    @staticmethod
+    def fetch_record(download: str) -> str:
+        """Beside a download, how it was fetched and verified (`ect fetch --record-out`): the report shows it."""
+        return f"{download}.fetch.json"
 
     def teacher_pickle_of(self, size: str) -> str:
         """The downloaded teacher of a size: its own (scaling.teachers) or the preset's one."""
         if self.teacher_downloads:
-            return f"resources/teachers/{posixpath.basename(self.teacher_downloads[size]['url'])}"
+            return f"resources/teachers/{posixpath.basename(self.teacher_downloads[size].url)}"
         return self.teacher_pickle
 
-    def teacher_entry_of(self, size: str, teacher: dict) -> dict:
+    def teacher_entry_of(self, size: str, teacher):
         """The config entry (url, checksums) of a size's downloaded teacher."""
         return self.teacher_downloads[size] if self.teacher_downloads else teacher
 
@@ -169,7 +152,11 @@ class RunLayout:
         return f"{self.scaling_dir}/fit-{name}.json"
 
     def scaling_fit_names(self, steps) -> list[str]:
-        return [f"{n}step" for n in steps] + [f"{s}-{n}step" for s in self.scaling["sizes"] for n in steps]
+        return [f"{n}step" for n in steps] + [f"{s}-{n}step" for s in self.scaling.sizes for n in steps]
+
+    def snapshot(self, images_seen: int) -> str:
+        """The EMA snapshot after ``images_seen`` training images."""
+        return f"{self.snapshots}/{snapshot_name(images_seen)}"
 
     def checkpoint(self, name: str) -> str:
         return {"teacher": self.teacher, "tuned": self.tuned}[name]
@@ -195,3 +182,40 @@ class RunLayout:
 
     def model_benchmark(self, job: str) -> str:
         return self.benchmark(job + self.job_suffix)
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Inside a training run's state directory (``RunLayout.state``; never a declared output): what a killed
+    run resumes from, and what it publishes at the end."""
+
+    dir: Path
+
+    @property
+    def state(self) -> Path:  # weights, EMAs, optimiser, iteration, random state
+        return self.dir / "state.pt"
+
+    @property
+    def log(self) -> Path:  # the tick log, published as train-log.jsonl at the end
+        return self.dir / "log.jsonl"
+
+    @property
+    def lock(self) -> Path:  # held by the one trainer on this directory
+        return self.dir / "lock"
+
+    @property
+    def snapshots(self) -> Path:  # EMA snapshots, published at the end
+        return self.dir / "snapshots"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.dir / "tensorboard"
+
+    def ema(self, std: float) -> Path:
+        """Every EMA at the end, for post-hoc choices: the classic one (std 0) and each power-function one."""
+        return self.dir / "emas" / (f"pf-{std:.3f}.pt" if std else "classic.pt")
+
+
+def snapshot_name(images_seen: int) -> str:
+    """``kimg000012.800.pt``: sorts by training length."""
+    return f"kimg{images_seen / 1000:010.3f}.pt"

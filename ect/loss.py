@@ -6,41 +6,14 @@ in explicitly so that the trainer controls (and can resume) every random stream.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
 from ect.networks_edm2 import forced_weight_norm
+from ect.spec import ECTLoss, EDMLoss
 
 
-@dataclass(frozen=True)
-class ECTLossConfig:
-    P_mean: float = -1.1
-    P_std: float = 2.0
-    mapping: str = "sigmoid"  # "sigmoid" or "const"
-    q: float = 2.0
-    k: float = 8.0
-    b: float = 1.0
-    c: float = 0.0  # 0: un-squared L2 norm; > 0: pseudo-Huber
-    weighting: str = "ect"  # "ect": 1/(t - r) (CIFAR); "snrpk": 1/t^2 + 1/sigma_data^2 (ImageNet)
-    double: int = 25000  # iterations per stage
-    sigma_data: float = 0.5
-
-    def __post_init__(self):
-        if self.mapping not in ("sigmoid", "const"):
-            raise ValueError(f"loss.mapping must be 'sigmoid' or 'const', not {self.mapping!r}")
-        if self.weighting not in ("ect", "snrpk"):
-            raise ValueError(f"loss.weighting must be 'ect' or 'snrpk', not {self.weighting!r}")
-        if self.q <= 1 or self.double < 1 or self.c < 0 or self.P_std <= 0:
-            raise ValueError("loss needs q > 1, double >= 1, c >= 0 and P_std > 0")
-
-
-def stage_at(iteration: int, double: int) -> int:
-    """Stage index in effect at (0-based) ``iteration``: it advances every ``double`` iterations."""
-    return iteration // double
-
-
-def t_to_r(t: torch.Tensor, stage: int, cfg: ECTLossConfig) -> torch.Tensor:
+def t_to_r(t: torch.Tensor, stage: int, cfg: ECTLoss) -> torch.Tensor:
     """r = max(0, t·(1 − d·n(t))), d = q^−(stage+1); n = 1 + k·sigmoid(−b·t) ('sigmoid') or 1 ('const')."""
     d = cfg.q ** -(stage + 1)
     n = 1 + cfg.k * torch.sigmoid(-cfg.b * t) if cfg.mapping == "sigmoid" else torch.ones_like(t)
@@ -58,7 +31,7 @@ def distance(delta: torch.Tensor, c: float) -> torch.Tensor:
     return (sq + c * c).sqrt() - c if c > 0 else sq.sqrt()
 
 
-def weighting(t: torch.Tensor, r: torch.Tensor, cfg: ECTLossConfig) -> torch.Tensor:
+def weighting(t: torch.Tensor, r: torch.Tensor, cfg: ECTLoss) -> torch.Tensor:
     if cfg.weighting == "ect":
         return 1 / (t - r)
     return 1 / t**2 + 1 / cfg.sigma_data**2
@@ -77,7 +50,7 @@ def forked_rng(device: torch.device):
             torch.cuda.set_rng_state(cuda, device)
 
 
-def ect_loss(net, target_net, y, t_normal, eps, stage: int, cfg: ECTLossConfig, class_labels=None):
+def ect_loss(net, target_net, y, t_normal, eps, stage: int, cfg: ECTLoss, class_labels=None):
     """Per-sample ECT loss for clean images ``y``.
 
     ``net`` is the (possibly DDP-wrapped) student, in train mode; ``target_net`` the same weights
@@ -102,14 +75,7 @@ def ect_loss(net, target_net, y, t_normal, eps, stage: int, cfg: ECTLossConfig, 
     return loss, r.flatten()
 
 
-@dataclass(frozen=True)
-class EDMLossConfig:
-    P_mean: float = -1.2
-    P_std: float = 1.2
-    sigma_data: float = 0.5
-
-
-def edm_loss(net, y, sigma_normal, eps, cfg: EDMLossConfig, class_labels=None, uncertainty: bool = False):
+def edm_loss(net, y, sigma_normal, eps, cfg: EDMLoss, class_labels=None, uncertainty: bool = False):
     """EDM's denoising loss: λ(σ)·‖D(y + σε, σ) − y‖² with λ = (σ² + σ_d²)/(σ·σ_d)², per sample (mean
     over pixels). ``uncertainty``: EDM2's form for a network with a log-variance head u(σ):
     λ/e^u·(D − y)² + u, which learns to even out the loss across noise levels."""

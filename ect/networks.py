@@ -6,13 +6,33 @@ arithmetic (docs/method.md, "The network" and "Preconditioning"); the code is ou
 """
 from __future__ import annotations
 
+import inspect
 import math
+import typing
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ect.typed import Bound, ConfigError, convert
+
 SQRT_HALF = math.sqrt(0.5)
+
+# The options of a network: the constructor parameters annotated with a type and a Bound, EDM's and
+# EDM2's alike (``arch_options``). Bounds sit well above every EDM/ECT network (CIFAR-10: 128 channels,
+# ImageNet: 192-384) and keep a hostile file from asking for terabytes before its weights are compared.
+Resolution = Annotated[int, Bound(ge=4, le=1024)]
+ImageChannels = Annotated[int, Bound(ge=1, le=4)]
+LabelDim = Annotated[int, Bound(ge=0, le=100_000)]
+SigmaData = Annotated[float, Bound(ge=1e-6, le=1e3)]
+Width = Annotated[int, Bound(ge=1, le=1024)]
+Multipliers = Annotated[tuple[int, ...], Bound(min_items=1, max_items=8, items=Bound(ge=1, le=16))]
+Multiplier = Annotated[int, Bound(ge=1, le=16)]
+Blocks = Annotated[int, Bound(ge=1, le=16)]
+Resolutions = Annotated[tuple[int, ...], Bound(max_items=16, items=Bound(ge=1, le=1024))]
+Probability = Annotated[float, Bound(ge=0, le=1)]
+Filter = Annotated[tuple[float, ...], Bound(min_items=1, max_items=8, items=Bound(ge=-1e3, le=1e3))]
 
 
 def _init_weight(shape: list[int], fan_in: int, fan_out: int, mode: str) -> torch.Tensor:
@@ -140,10 +160,11 @@ class UNetBlock(nn.Module):
 class SongUNet(nn.Module):
     """EDM's DDPM++ U-Net with the standard encoder/decoder and positional noise embedding."""
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
-                 model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4,
-                 attn_resolutions=(16,), dropout=0.10, label_dropout=0.0, channel_mult_noise=1,
-                 resample_filter=(1, 1)):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0,
+                 augment_dim: Annotated[int, Bound(ge=0, le=64)] = 0, model_channels: Width = 128,
+                 channel_mult: Multipliers = (1, 2, 2, 2), channel_mult_emb: Multiplier = 4, num_blocks: Blocks = 4,
+                 attn_resolutions: Resolutions = (16,), dropout: Probability = 0.10, label_dropout: Probability = 0.0,
+                 channel_mult_noise: Multiplier = 1, resample_filter: Filter = (1, 1)):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
@@ -228,8 +249,9 @@ class Precond(nn.Module):
     c_skip = σ_d²/((σ−σ_min)²+σ_d²), c_out = (σ−σ_min)·σ_d/sqrt(σ²+σ_d²), so D(x, σ_min) = x.
     """
 
-    def __init__(self, kind="edm", img_resolution=32, img_channels=3, label_dim=0, sigma_data=0.5,
-                 sigma_min=None, **unet_kwargs):
+    def __init__(self, kind: Literal["edm", "ect"] = "edm", img_resolution: Resolution = 32,
+                 img_channels: ImageChannels = 3, label_dim: LabelDim = 0, sigma_data: SigmaData = 0.5,
+                 sigma_min: Annotated[float | None, Bound(ge=0, le=1e3)] = None, **unet_kwargs):
         super().__init__()
         if kind not in ("edm", "ect"):
             raise ValueError(f"precond kind must be 'edm' or 'ect', not {kind!r}")
@@ -263,90 +285,92 @@ class ArchError(ValueError):
     """Network kwargs (from a checkpoint or a config) that no EDM network has."""
 
 
-# What a network's kwargs may be: name -> (type(s), check, what the check says). Bounds sit well above
-# every EDM/ECT network (CIFAR-10: 128 channels, ImageNet ADM: 192-256) and keep a hostile file from
-# asking for terabytes before its weights are even compared.
-def _int_in(lo, hi):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"an integer in [{lo}, {hi}]"
+NETWORK_KINDS = ("edm", "ect", "edm2")  # EDM's SongUNet behind EDM's or ECT's preconditioning; EDM2's U-Net
 
 
-def _number_in(lo, hi):
-    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi,
-            f"a finite number in [{lo}, {hi}]")
+def _constructors(kind: str) -> list:
+    """The constructors a network's kwargs reach: the preconditioning, the U-Net, (EDM2) its blocks."""
+    if kind == "edm2":
+        from ect.networks_edm2 import Block, EDM2Precond, UNet
+
+        return [EDM2Precond, UNet, Block]
+    return [Precond, SongUNet]
 
 
-def _list_of(check, max_len, min_len=0):
-    item, what = check
-    return (lambda v: isinstance(v, (list, tuple)) and min_len <= len(v) <= max_len and all(item(x) for x in v),
-            f"a list of {min_len}-{max_len} items, each {what}")
-
-
-def _optional(check):
-    ok, what = check
-    return (lambda v: v is None or ok(v)), f"null or {what}"
-
-
-ARCH_CHECKS = {  # EDM's SongUNet behind the 'edm' or 'ect' preconditioning
-    "kind": (lambda v: v in ("edm", "ect"), "'edm' or 'ect'"),
-    "img_resolution": _int_in(4, 1024),
-    "img_channels": _int_in(1, 4),
-    "label_dim": _int_in(0, 100_000),
-    "sigma_data": _number_in(1e-6, 1e3),
-    "sigma_min": _optional(_number_in(0, 1e3)),
-    "augment_dim": _int_in(0, 64),
-    "model_channels": _int_in(1, 1024),
-    "channel_mult": _list_of(_int_in(1, 16), 8, 1),
-    "channel_mult_emb": _int_in(1, 16),
-    "num_blocks": _int_in(1, 16),
-    "attn_resolutions": _list_of(_int_in(1, 1024), 16),
-    "dropout": _number_in(0, 1),
-    "label_dropout": _number_in(0, 1),
-    "channel_mult_noise": _int_in(1, 16),
-    "resample_filter": _list_of(_number_in(-1e3, 1e3), 8, 1),
-}
-EDM2_ARCH_CHECKS = {  # EDM2's magnitude-preserving U-Net (ect/networks_edm2.py)
-    "kind": (lambda v: v == "edm2", "'edm2'"),
-    **{key: ARCH_CHECKS[key] for key in ("img_resolution", "img_channels", "label_dim", "sigma_data",
-                                         "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
-                                         "dropout", "resample_filter")},
-    "use_fp16": (lambda v: isinstance(v, bool), "true or false"),
-    "logvar_channels": _int_in(0, 1024),
-    "channel_mult_noise": _optional(_int_in(1, 16)),
-    "channel_mult_emb": _optional(_int_in(1, 16)),
-    "label_balance": _number_in(0, 1),
-    "concat_balance": _number_in(0, 1),
-    "res_balance": _number_in(0, 1),
-    "attn_balance": _number_in(0, 1),
-    "clip_act": _optional(_number_in(1e-3, 1e6)),
-    "channels_per_head": _int_in(1, 4096),
-    "dropout_res": _optional(_int_in(1, 1024)),
-}
+def arch_options(kind: str) -> dict[str, tuple]:
+    """name -> (type, default) of every option of a network kind: the annotated parameters of its
+    constructors (their Bound is part of the type). Written once, in the constructors' signatures."""
+    options = {"kind": (Literal["edm2"], "edm2")} if kind == "edm2" else {}
+    for cls in _constructors(kind):
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name in hints and name != "return":
+                options.setdefault(name, (hints[name], param.default))
+    return options
 
 
 def check_arch(arch: dict) -> dict:
     """Raise :class:`ArchError` naming the first key whose value no EDM/EDM2 network has; return ``arch``."""
     if not isinstance(arch, dict):
         raise ArchError(f"network kwargs must be a mapping, not a {type(arch).__name__}")
-    checks = EDM2_ARCH_CHECKS if arch.get("kind") == "edm2" else ARCH_CHECKS
+    kind = arch.get("kind", "edm")
+    if kind not in NETWORK_KINDS:
+        raise ArchError(f"network option kind must be one of {list(NETWORK_KINDS)}, not {str(kind)[:40]!r}")
+    options = arch_options(kind)
     for key, value in arch.items():
-        if key not in checks:
-            raise ArchError(f"unknown network option {str(key)[:80]!r}; known: {', '.join(checks)}")
-        ok, what = checks[key]
-        if not ok(value):
-            raise ArchError(f"network option {key} must be {what}")
-    levels = len(arch.get("channel_mult", (1, 2, 2, 2)))
-    if arch.get("img_resolution", 32) % (2 ** (levels - 1)):
-        raise ArchError(f"img_resolution {arch.get('img_resolution', 32)} cannot be halved {levels - 1} times")
-    if arch.get("kind") == "edm2":  # attention splits a level's channels into heads of channels_per_head
-        per_head, res = arch.get("channels_per_head", 64), arch.get("img_resolution", 64)
-        mult = arch.get("channel_mult", (1, 2, 3, 4))
-        for level, m in enumerate(mult):
-            channels = arch.get("model_channels", 192) * m
-            attention = level == len(mult) - 1 or (res >> level) in arch.get("attn_resolutions", (16, 8))
+        if key not in options:
+            raise ArchError(f"unknown network option {str(key)[:80]!r}; known: {', '.join(options)}")
+        if key != "kind":
+            try:
+                convert(options[key][0], value, key)
+            except ConfigError as exc:
+                raise ArchError(f"network option {exc}") from None
+    full = {name: default for name, (_, default) in options.items()} | arch
+    levels = len(full["channel_mult"])
+    if full["img_resolution"] % (2 ** (levels - 1)):
+        raise ArchError(f"img_resolution {full['img_resolution']} cannot be halved {levels - 1} times")
+    if kind == "edm2":  # attention splits a level's channels into heads of channels_per_head
+        per_head, res = full["channels_per_head"], full["img_resolution"]
+        for level, m in enumerate(full["channel_mult"]):
+            channels = full["model_channels"] * m
+            attention = level == levels - 1 or (res >> level) in full["attn_resolutions"]
             if attention and (channels < per_head or channels % per_head):
                 raise ArchError(f"channels_per_head {per_head} must divide the {channels} channels of the "
                                 f"{res >> level}x{res >> level} attention blocks")
     return arch
+
+
+def check_arch_options(overrides: dict) -> dict:
+    """Network kwargs whose network is not known yet (overrides of a downloaded teacher's): each key must be
+    an option of some network kind, with a value that kind accepts. Return ``overrides``."""
+    kinds = {kind: arch_options(kind) for kind in ("edm", "edm2")}
+    for key, value in overrides.items():
+        types = [options[key][0] for options in kinds.values() if key in options]
+        if not types:
+            known = sorted(set().union(*kinds.values()))
+            raise ArchError(f"unknown network option {str(key)[:80]!r}; known: {', '.join(known)}")
+        problems = []
+        for tp in types:
+            try:
+                convert(Literal[NETWORK_KINDS] if key == "kind" else tp, value, key)
+                break
+            except ConfigError as exc:
+                problems.append(str(exc))
+        else:
+            raise ArchError(f"network option {problems[0]}")
+    return overrides
+
+
+def arch_option_schema(defs: dict) -> dict:
+    """The JSON schema of network kwargs: every option of EDM's and EDM2's networks."""
+    from ect.typed import type_schema
+
+    properties = {"kind": {"enum": list(NETWORK_KINDS)}}
+    for kind in ("edm", "edm2"):
+        for name, (tp, _) in arch_options(kind).items():
+            properties.setdefault(name, type_schema(tp, defs))
+    return {"type": "object", "additionalProperties": False, "properties": properties,
+            "description": "network kwargs: options of EDM's SongUNet (kind edm/ect) or EDM2's U-Net (kind edm2)"}
 
 
 def build_network(arch: dict) -> nn.Module:

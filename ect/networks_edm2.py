@@ -13,10 +13,28 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ect.networks import (
+    Blocks,
+    Filter,
+    ImageChannels,
+    LabelDim,
+    Multiplier,
+    Multipliers,
+    Probability,
+    Resolution,
+    Resolutions,
+    SigmaData,
+    Width,
+)
+from ect.typed import Bound
+
+Balance = Annotated[float, Bound(ge=0, le=1)]
 
 MP_SILU_GAIN = 0.596  # E[silu(x)^2]^0.5 for x ~ N(0, 1): keeps unit magnitude through the nonlinearity
 
@@ -120,8 +138,10 @@ class Block(nn.Module):
     decoder (``dec``: projection after), with optional cosine self-attention."""
 
     def __init__(self, in_channels, out_channels, emb_channels, flavor="enc", resample_mode="keep",
-                 resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0.0, res_balance=0.3,
-                 attn_balance=0.3, clip_act=256):
+                 resample_filter: Filter = (1, 1), attention=False,
+                 channels_per_head: Annotated[int, Bound(ge=1, le=4096)] = 64, dropout=0.0,
+                 res_balance: Balance = 0.3, attn_balance: Balance = 0.3,
+                 clip_act: Annotated[float | None, Bound(ge=1e-3, le=1e6)] = 256):
         super().__init__()
         self.out_channels, self.flavor = out_channels, flavor
         self.resample_filter, self.resample_mode = resample_filter, resample_mode
@@ -171,9 +191,12 @@ class UNet(nn.Module):
     """EDM2's U-Net. Blocks are named by resolution (``64x64_block0``); every encoder output is a skip
     that a decoder block concatenates (magnitude-preserving) with its input."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=(1, 2, 3, 4),
-                 channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=(16, 8),
-                 label_balance=0.5, concat_balance=0.5, dropout=0.0, dropout_res=None, **block_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim, model_channels: Width = 192,
+                 channel_mult: Multipliers = (1, 2, 3, 4), channel_mult_noise: Multiplier | None = None,
+                 channel_mult_emb: Multiplier | None = None, num_blocks: Blocks = 3,
+                 attn_resolutions: Resolutions = (16, 8), label_balance: Balance = 0.5, concat_balance: Balance = 0.5,
+                 dropout: Probability = 0.0, dropout_res: Annotated[int | None, Bound(ge=1, le=1024)] = None,
+                 **block_kwargs):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
@@ -244,8 +267,9 @@ class EDM2Precond(nn.Module):
     scalings in train and eval mode. ``logvar_channels > 0`` adds EDM2's log-variance head (its
     uncertainty-weighted pretraining loss); ECT's student has none."""
 
-    def __init__(self, img_resolution=64, img_channels=3, label_dim=0, use_fp16=False, sigma_data=0.5,
-                 logvar_channels=128, **unet_kwargs):
+    def __init__(self, img_resolution: Resolution = 64, img_channels: ImageChannels = 3, label_dim: LabelDim = 0,
+                 use_fp16: bool = False, sigma_data: SigmaData = 0.5,
+                 logvar_channels: Annotated[int, Bound(ge=0, le=1024)] = 128, **unet_kwargs):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16, self.sigma_data, self.logvar_channels = use_fp16, sigma_data, logvar_channels

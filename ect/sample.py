@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import zipfile
 
 import numpy as np
@@ -18,11 +19,9 @@ from tqdm import tqdm
 
 from ect.fileio import write_bytes_atomic
 from ect.layout import SAMPLE_SETS
+from ect.spec import MAX_SEEDS
 
 T_MAX = 80.0
-
-
-MAX_SEEDS = 10_000_000  # one call's seeds: 30 GB of 32x32 RGB images; split larger jobs and merge them
 
 
 def parse_seeds(spec: str, limit: int = MAX_SEEDS) -> list[int]:
@@ -169,15 +168,15 @@ def generate(net, seeds, sampler: str = "consistency", steps: int = 1, t_mids=(0
     return np.concatenate(out) if out else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
 
 
-def set_settings(config: dict, name: str) -> dict:
-    """The sampler settings of one of the pipeline's sample sets (ect/layout.py), from the config's
-    'sample' section: every set draws seeds 0 .. sets * samples_per_set - 1."""
+def set_settings(settings, name: str) -> dict:
+    """The sampler settings of one of the pipeline's sample sets (ect/layout.py), from the spec's sample
+    section: every set draws seeds 0 .. sets * samples_per_set - 1."""
     if name not in SAMPLE_SETS:
         raise SamplingError(f"unknown sample set {name!r}; the pipeline's sets are {', '.join(SAMPLE_SETS)}")
-    cfg, sample_set = config["sample"], SAMPLE_SETS[name]
-    return {"seeds": f"0-{cfg['sets'] * cfg['samples_per_set'] - 1}", "sampler": sample_set.sampler,
-            "steps": max(sample_set.steps, 1), "t_mid": cfg["t_mid"], "heun_steps": cfg["heun_steps"],
-            "batch": cfg["batch"], "class_labels": cfg.get("class_labels", LABEL_SAMPLING[0])}
+    sample, sample_set = settings.sample, SAMPLE_SETS[name]
+    return {"seeds": f"0-{sample.sets * sample.samples_per_set - 1}", "sampler": sample_set.sampler,
+            "steps": max(sample_set.steps, 1), "t_mid": list(sample.t_mid), "heun_steps": sample.heun_steps,
+            "batch": sample.batch, "class_labels": sample.class_labels or LABEL_SAMPLING[0]}
 
 
 def nfe(sampler: str, steps: int, heun_steps: int = 18) -> int:
@@ -234,7 +233,7 @@ def merge_samples(paths) -> tuple[np.ndarray, np.ndarray, dict]:
     parts = [load_samples(p) for p in paths]
     if not parts:
         raise ValueError("nothing to merge")
-    metas = {json.dumps(m, sort_keys=True) for _, _, m in parts}
+    metas = {json.dumps({k: v for k, v in m.items() if k != "run"}, sort_keys=True) for _, _, m in parts}
     if len(metas) > 1:
         raise ValueError("sample files come from different models or samplers; refusing to merge")
     labels = [load_sample_labels(p, len(part[0])) for p, part in zip(paths, parts, strict=True)]
@@ -246,7 +245,12 @@ def merge_samples(paths) -> tuple[np.ndarray, np.ndarray, dict]:
         raise ValueError("sample files overlap: some seeds appear twice")
     order = np.argsort(seeds, kind="stable")
     merged_labels = None if labels[0] is None else np.concatenate(labels)[order]
-    return images[order], seeds[order], parts[0][2], merged_labels
+    runs = [m.get("run") for _, _, m in parts if isinstance(m.get("run"), dict)]
+    meta = {k: v for k, v in parts[0][2].items() if k != "run"}
+    if runs:  # the split jobs' time together
+        meta["run"] = {"elapsed_s": sum(float(r.get("elapsed_s", 0)) for r in runs), "jobs": len(parts),
+                       "device": runs[0].get("device")}
+    return images[order], seeds[order], meta, merged_labels
 
 
 def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64, gap: int = 1) -> None:
@@ -294,6 +298,7 @@ def sample_to_files(checkpoint, out, settings: dict, grid=None, set_name: str | 
     from ect.checkpoint import load_network
     from ect.fileio import sha256_file
 
+    started = time.perf_counter()
     seeds = parse_seeds(settings["seeds"])
     sampler, steps, heun_steps = settings["sampler"], settings["steps"], settings["heun_steps"]
     check_sampler_settings(sampler, steps, settings["t_mid"], heun_steps, settings["batch"])
@@ -309,6 +314,7 @@ def sample_to_files(checkpoint, out, settings: dict, grid=None, set_name: str | 
         meta["set"] = set_name
     if labels is not None:
         meta["class_labels"] = how
+    meta["run"] = {"elapsed_s": time.perf_counter() - started, "device": str(device)}  # this job's, not the set's
     save_samples(out, images, seeds, meta, labels)
     if grid:
         save_grid(grid, images if labels is None else class_grid_order(images, labels))

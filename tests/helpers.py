@@ -65,7 +65,8 @@ def toy_config() -> dict:
 
 def write_config(path, tune=None, pretrain=None):
     """The toy preset with small 'tune' and 'pretrain' sections (replaced whole, not merged)."""
-    base = dict(kimg=0.32, batch=8, lr=1e-3, tick_kimg=0.04, state_kimg=0.04, ema_beta=0.9, arch={"dropout": 0.0},
+    base = dict(kimg=0.32, batch=8, lr=1e-3, tick_kimg=0.04, state_kimg=0.04, snapshot_kimg=0.04, ema_beta=0.9,
+                arch={"dropout": 0.0},
                 loss={"double": 10})
     cfg = {**toy_config(),
            "tune": {**base, **(tune or {})},

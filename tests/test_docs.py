@@ -4,14 +4,16 @@ import re
 import subprocess
 
 from ect.cli import help_markdown
+from ect.spec import config_reference
 from tests.helpers import ROOT
 
 OUTSIDE = ("shared" + "/reference", "../" + "shared")  # the team's notes live outside the repository
 DOCS = [ROOT / "README.md", ROOT / "config" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_the_command_reference_is_generated_from_the_commands_help():
+def test_the_command_and_config_references_are_generated_from_the_code():
     assert (ROOT / "docs" / "cli.md").read_text() == help_markdown(), "run `make docs`"
+    assert (ROOT / "docs" / "config.md").read_text() == config_reference(), "run `make docs`"
 
 
 def test_the_readme_is_short_and_every_local_link_resolves():

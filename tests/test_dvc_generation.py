@@ -56,14 +56,15 @@ def test_a_new_preset_gets_its_own_dvc_file_and_reuses_the_shared_steps(tmp_path
 
 def test_each_snakemake_job_is_a_dvc_stage_with_its_command_files_and_the_keys_it_reads():
     """Read back through DVC: the toy's stages are the Snakemake DAG's jobs (15), commands without `exec` or
-    the log redirection, and params are the config keys each step reads (ect/layout.py: STEP_READS)."""
+    the log redirection, and params are the config keys each step reads (ect/spec.py: STEP_READS)."""
     stages = {a: s for a, s in dvc_stages(ROOT).items() if ":" not in a}
     assert len(stages) == 15
     out = run(["snakemake", "-n", "-p", "--forceall"], ROOT).stdout
     for cmd, _, _ in stages.values():
         assert f"Shell command: exec {cmd} > " in out
     lock_keys = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert lock_keys["fid-ect-1step"]["params"] == [{"config/config.yaml": ["fid.modes", "sample.sets"]}]
+    assert lock_keys["fid-ect-1step"]["params"] == [
+        {"config/config.yaml": ["fid.feature_net", "fid.modes", "sample.batch", "sample.sets"]}]
     assert lock_keys["report"]["params"] == [{"config/config.yaml": None}]  # the whole file
 
 
@@ -82,3 +83,39 @@ def test_no_config_value_reaches_a_dvc_command_unvalidated(tmp_path):
     assert proc.returncode != 0 and "run" in proc.stdout + proc.stderr
     assert not (repo / "PWNED").exists() and not (repo / "pipelines" / "evil").exists()
     assert (repo / "dvc.yaml").read_text() == before
+
+
+def load_generator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_dvc", ROOT / "workflow" / "generate_dvc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_generator_reads_snakemakes_public_job_records_of_a_version_it_knows():
+    """The generator uses Snakemake's public API and its documented JOB_INFO records; it names the versions it
+    was checked with and refuses others, so an upgrade that changes the records fails here, loudly."""
+    import snakemake
+
+    generator = load_generator()
+    assert snakemake.__version__.startswith(generator.SNAKEMAKE_VERSIONS), snakemake.__version__
+    jobs = generator.snakemake_jobs("config/config.yaml")
+    assert {job["rule"] for job in jobs} >= {"dataset", "pretrain", "tune", "sample", "fid", "report"}
+    assert all(job["shellcmd"].startswith("exec ect ") and job["log"] for job in jobs)
+
+
+def test_the_run_layouts_job_list_is_the_dag_of_every_preset():
+    """ect/layout.py lists every job of a run (the dry run's GPU-hours count them): the same jobs as Snakemake's
+    DAG, by the name their logs carry."""
+    from pathlib import Path
+
+    from ect.layout import RunLayout
+    from ect.spec import load_spec
+
+    generator = load_generator()
+    for preset in generator.preset_names():
+        jobs = generator.snakemake_jobs(f"config/{preset}.yaml")
+        dag = {Path(job["log"][0]).stem for job in jobs if job["rule"] != "report"}
+        assert dag == {name for _, name in RunLayout(load_spec(ROOT / f"config/{preset}.yaml")).jobs()}, preset

@@ -15,7 +15,7 @@ from ect.checkpoint import load_network, read_checkpoint
 from ect.data import save_dataset
 from ect.edm.convert import read_edm_network
 from ect.edm.pickle_reader import EDMFormatError
-from ect.loss import ECTLossConfig, ect_loss
+from ect.loss import ect_loss
 from ect.networks import build_network, student_arch
 from ect.networks_edm2 import (
     MPConv,
@@ -28,6 +28,7 @@ from ect.networks_edm2 import (
     resample,
 )
 from ect.sample import SamplingError, class_labels
+from ect.spec import ECTLoss
 from ect.train import power_function_beta, power_function_gamma
 from tests.helpers import edm2_snapshot_bytes, fake_dnnlib, fake_torch_utils, randomized, run_ect, write_config
 
@@ -234,7 +235,7 @@ def test_ect_loss_on_an_edm2_student_leaves_the_weights_to_the_student_pass():
     net = tiny(dropout=0.2).train()
     y = torch.rand(4, 3, 16, 16) * 2 - 1
     labels = torch.nn.functional.one_hot(torch.tensor([0, 3, 3, 7]), 10).float()
-    cfg = ECTLossConfig(P_mean=-0.8, P_std=1.6, q=4, c=0.06, weighting="snrpk")
+    cfg = ECTLoss(P_mean=-0.8, P_std=1.6, q=4, c=0.06, weighting="snrpk")
     loss, r = ect_loss(net, net, y, torch.randn(4, 1, 1, 1), torch.randn(4, 3, 16, 16), 0, cfg, labels)
     after_student = {k: v.clone() for k, v in net.state_dict().items()}
     loss.sum().backward()

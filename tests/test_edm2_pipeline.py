@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from ect.checkpoint import read_checkpoint
-from ect.config import load_config
 from ect.data import load_dataset
 from ect.fid import compute_features, extractors
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.sample import class_labels
+from ect.spec import load_spec
 from tests.helpers import ROOT, clone_repo, run
 
 pytestmark = pytest.mark.slow
 PRESET = "config/toy-edm2.yaml"
-LAYOUT = RunLayout(load_config(ROOT / PRESET))
+LAYOUT = RunLayout(load_spec(ROOT / PRESET))
 
 
 @pytest.fixture(scope="module")

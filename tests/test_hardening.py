@@ -20,12 +20,13 @@ import torch
 import yaml
 
 from ect.checkpoint import save_checkpoint
-from ect.config import ConfigError, load_config
 from ect.data import DatasetError, save_dataset
 from ect.fileio import write_bytes_atomic, write_json_atomic
 from ect.networks import build_network
 from ect.sample import save_samples
+from ect.spec import load_spec
 from ect.train import state_directory_lock
+from ect.typed import ConfigError
 from tests.helpers import (
     ect_command,
     make_dataset,
@@ -105,7 +106,7 @@ def test_json_results_never_hold_nan(tmp_path):
     (lambda c: c["sample"].update(t_mid=[80]), "sample.t_mid.0: 80 is greater than or equal to the maximum of 80"),
     (lambda c: c["sample"].update(t_mid=[float("nan")]), "sample.t_mid.0: nan is not a finite number"),
     (lambda c: c["tune"].update(lr=float("inf")), "tune.lr: inf is not a finite number"),
-    (lambda c: c["tune"].update(batch_gpu=5), "tune.batch_gpu 5 does not divide the per-GPU batch 32"),
+    (lambda c: c["tune"].update(batch_gpu=5), "tune.batch_gpu: 5 does not divide the batch 32"),
     (lambda c: c["resources"].update(tune={"gpu": 3}), "tune.batch 32 does not split evenly over resources.tune.gpu"),
     (lambda c: c["resources"]["default"].pop("threads"), "resources.default: 'threads' is a required property"),
     (lambda c: c["fid"].update(curve_steps=[3]), "fid.curve_steps asks for 3 steps"),
@@ -116,7 +117,7 @@ def test_config_values_that_would_fail_midway_are_refused_at_start(tmp_path, cha
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=re.escape(expected)):
-        load_config(path)
+        load_spec(path)
     proc = run_ect("tune", "--config", path, "--data", tmp_path / "d.npz", "--teacher", tmp_path / "t.pt",
                    "--state-dir", tmp_path / "s", "--out", tmp_path / "o.pt", check=False)
     refused(proc, expected)
@@ -126,7 +127,7 @@ def test_config_values_that_would_fail_midway_are_refused_at_start(tmp_path, cha
 def test_yaml_aliases_are_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("a: &x [1, 2]\nb: *x\n")
     with pytest.raises(ConfigError, match="aliases"):
-        load_config(tmp_path / "c.yaml")
+        load_spec(tmp_path / "c.yaml")
 
 
 # ---- files that are not what they claim: one line naming the problem
@@ -159,7 +160,7 @@ def test_datasets_must_be_uint8_nonempty_with_labels_at_least_zero(tmp_path):
 def test_fid_checks_the_samples_against_the_reference(tmp_path):
     from ect.fid import FIDError, score_samples, statistics
 
-    config = load_config(write_config(tmp_path / "c.yaml"))
+    config = load_spec(write_config(tmp_path / "c.yaml"))
     make_dataset(tmp_path / "d.npz", n=16, res=8)
     from ect.data import load_dataset
     from ect.feature_net import train_feature_net
@@ -194,7 +195,7 @@ def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path):
 def test_tune_saving_its_state_on_a_full_disk_says_so(tmp_path):
     data, teacher = tmp_path / "d.npz", make_teacher(tmp_path / "t.pt")
     make_dataset(data)
-    config = write_config(tmp_path / "c.yaml", tune={"kimg": 0.16, "state_kimg": 0.04})
+    config = write_config(tmp_path / "c.yaml", tune={"kimg": 0.16, "state_kimg": 0.04, "snapshot_kimg": 0.16})
     with small_filesystem(tmp_path / "small", 96) as small:
         proc = run_ect("tune", "--config", config, "--data", data, "--teacher", teacher, "--state-dir", small / "state",
                        "--out", tmp_path / "o.pt", "--no-progress", check=False)

@@ -7,9 +7,9 @@ import re
 import pytest
 import yaml
 
-from ect.config import ConfigError, load_config
 from ect.layout import RunLayout
-from ect.train import TrainConfig
+from ect.spec import load_spec, training_options
+from ect.typed import ConfigError
 from tests.helpers import ROOT, run
 
 SIZES = {"s": (192, 0.001, 0.4), "m": (256, 0.0009, 0.5), "l": (320, 0.0008, 0.5), "xl": (384, 0.0007, 0.5)}
@@ -42,9 +42,9 @@ def test_each_imagenet_preset_plans_the_whole_chain_with_its_gpu_hours(size):
     assert sum(v for k, v in hours.items() if k != "total") == pytest.approx(hours["total"], abs=0.1)
     # The branch's recipe for this size, from EDM2's transfer pickle of this size.
     channels, lr, dropout = SIZES[size]
-    tune = TrainConfig.from_config(load_config(ROOT / preset), "tune", "ect")
+    tune = training_options(load_spec(ROOT / preset), "tune")
     assert (tune.lr, tune.arch["dropout"], tune.arch["dropout_res"], tune.betas) == (lr, dropout, 16, (0.9, 0.99))
-    assert tune.total_iters == 100_000 and tune.loss_config().double == 25_000 and tune.loss_config().c == 0.06
+    assert tune.total_iters == 100_000 and tune.loss.double == 25_000 and tune.loss.c == 0.06
     assert f"edm2-img64-{size}-" in cfg["teacher"]["url"] and cfg["sample"]["t_mid"] == [1.526]
     assert cfg["dataset"]["expected_count"] == 1_281_167
 
@@ -56,11 +56,11 @@ def test_the_imagenet_scaling_preset_tunes_each_size_from_its_own_teacher_with_i
     jobs = planned(out)
     assert {jobs[f"fetch_teacher_{s}"] for s in ("S", "M", "L", "XL")} == {1}
     assert (jobs["teacher"], jobs["tune"], jobs["scaling_point"]) == (4, 4, 16)
-    config = load_config(ROOT / preset)
+    config = load_spec(ROOT / preset)
     for size, key in (("S", "s"), ("XL", "xl")):
         assert f"ect.cli tune --config {preset} --size {size} " in out  # one process per GPU (torchrun)
         assert f"edm2-img64-{key}-" in RunLayout(config, size).teacher_pickle_of(size)
-        tune = TrainConfig.from_config(config, "tune", "ect", size)
+        tune = training_options(config, "tune", size)
         assert (tune.lr, tune.arch["dropout"]) == SIZES[key][1:]
     assert "GPU-h" in out
 
@@ -70,8 +70,8 @@ def test_scaling_teachers_must_cover_every_size(tmp_path):
     del cfg["scaling"]["teachers"]["XL"]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="a download for every size"):
-        load_config(tmp_path / "c.yaml")
+        load_spec(tmp_path / "c.yaml")
     del cfg["scaling"]["teachers"]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="need a teacher each"):
-        load_config(tmp_path / "c.yaml")
+        load_spec(tmp_path / "c.yaml")

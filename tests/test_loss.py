@@ -4,15 +4,17 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from ect.loss import ECTLossConfig, EDMLossConfig, distance, ect_loss, edm_loss, sample_t, stage_at, t_to_r, weighting
+from ect.loss import distance, ect_loss, edm_loss, sample_t, t_to_r, weighting
 from ect.networks import build_network
+from ect.spec import ECTLoss, EDMLoss
+from ect.typed import ConfigError, build
 from tests.helpers import randomized
 
 F64 = torch.float64
 
 
 def test_sigmoid_mapping_matches_formula_in_float64():
-    cfg = ECTLossConfig()
+    cfg = ECTLoss()
     t = torch.logspace(-3, 2, 200, dtype=F64)
     for stage in range(8):
         d = 2.0 ** -(stage + 1)
@@ -21,14 +23,14 @@ def test_sigmoid_mapping_matches_formula_in_float64():
 
 
 def test_const_mapping():
-    cfg = ECTLossConfig(mapping="const", q=4)
+    cfg = ECTLoss(mapping="const", q=4)
     t = torch.tensor([0.01, 1.0, 80.0], dtype=F64)
     torch.testing.assert_close(t_to_r(t, 1, cfg), t * (1 - 4.0**-2), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("stage,threshold,p_zero", [(0, math.log(7), 0.811), (1, math.log(5 / 3), 0.585)])
 def test_worked_numbers_from_the_reference(stage, threshold, p_zero):
-    cfg = ECTLossConfig()  # q = 2, k = 8, b = 1, P_mean = -1.1, P_std = 2
+    cfg = ECTLoss()  # q = 2, k = 8, b = 1, P_mean = -1.1, P_std = 2
     eps = 1e-9
     assert t_to_r(torch.tensor([threshold - eps], dtype=F64), stage, cfg).item() == 0
     assert t_to_r(torch.tensor([threshold + 1e-6], dtype=F64), stage, cfg).item() > 0
@@ -38,7 +40,7 @@ def test_worked_numbers_from_the_reference(stage, threshold, p_zero):
 
 
 def test_later_stages_never_clamp_and_ratio_bounds():
-    cfg = ECTLossConfig()
+    cfg = ECTLoss()
     t = torch.logspace(-4, 3, 500, dtype=F64)
     for stage in range(2, 8):
         r = t_to_r(t, stage, cfg)
@@ -49,15 +51,15 @@ def test_later_stages_never_clamp_and_ratio_bounds():
 
 
 def test_one_hour_schedule_q256():
-    cfg = ECTLossConfig(q=256, double=10**9)
-    assert stage_at(10**6, cfg.double) == 0
+    cfg = ECTLoss(q=256, double=10**9)
+    assert cfg.stage_at(10**6) == 0
     t = torch.logspace(-4, 3, 100, dtype=F64)
     gap = (t - t_to_r(t, 0, cfg)) / t
     assert gap.max().item() == pytest.approx(5 / 256, rel=1e-3) and gap.min().item() == pytest.approx(1 / 256, rel=1e-3)
 
 
 def test_stage_advances_every_double_iterations():
-    assert [stage_at(i, 25_000) for i in (0, 24_999, 25_000, 199_999)] == [0, 0, 1, 7]
+    assert [ECTLoss(double=25_000).stage_at(i) for i in (0, 24_999, 25_000, 199_999)] == [0, 0, 1, 7]
 
 
 def test_distance_and_weighting():
@@ -66,15 +68,17 @@ def test_distance_and_weighting():
     torch.testing.assert_close(distance(delta, 0.0), sq.sqrt())
     torch.testing.assert_close(distance(delta, 0.06), (sq + 0.06**2).sqrt() - 0.06)
     t, r = torch.tensor([2.0, 0.5], dtype=F64), torch.tensor([1.0, 0.0], dtype=F64)
-    torch.testing.assert_close(weighting(t, r, ECTLossConfig()), torch.tensor([1.0, 2.0], dtype=F64))
-    torch.testing.assert_close(weighting(t, r, ECTLossConfig(weighting="snrpk")), 1 / t**2 + 4)
+    torch.testing.assert_close(weighting(t, r, ECTLoss()), torch.tensor([1.0, 2.0], dtype=F64))
+    torch.testing.assert_close(weighting(t, r, ECTLoss(weighting="snrpk")), 1 / t**2 + 4)
 
 
 def test_bad_loss_options_are_named():
-    with pytest.raises(ValueError, match="mapping"):
-        ECTLossConfig(mapping="linear")
-    with pytest.raises(ValueError, match="weighting"):
-        ECTLossConfig(weighting="x")
+    with pytest.raises(ConfigError, match="loss.mapping: 'linear' is not one of"):
+        build(ECTLoss, {"mapping": "linear"}, "loss")
+    with pytest.raises(ConfigError, match="loss.weighting"):
+        build(ECTLoss, {"weighting": "x"}, "loss")
+    with pytest.raises(ConfigError, match="loss.q: 1 is less than or equal to the minimum of 1"):
+        build(ECTLoss, {"q": 1}, "loss")
 
 
 def _net(dropout):
@@ -89,7 +93,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 def test_ect_loss_matches_manual_computation_with_shared_dropout_masks(device):
     net = _net(dropout=0.5).to(device)
-    cfg = ECTLossConfig()
+    cfg = ECTLoss()
     g = torch.Generator().manual_seed(1)
     y = (torch.rand(6, 3, 8, 8, generator=g) * 2 - 1).to(device)
     tn = torch.tensor([-2.0, -1.0, 0.0, 0.5, 1.0, 2.0], device=device).reshape(-1, 1, 1, 1)  # r = 0 and r > 0 at stage 0
@@ -120,7 +124,7 @@ def test_ect_loss_matches_manual_computation_with_shared_dropout_masks(device):
 
 def test_r_zero_everywhere_targets_clean_image_and_gradient_flows_only_through_student():
     net = _net(dropout=0.0)
-    cfg = ECTLossConfig()
+    cfg = ECTLoss()
     y = torch.zeros(3, 3, 8, 8)
     tn = torch.full([3, 1, 1, 1], -3.0)  # t = exp(-7.1): r = 0 at stage 0
     eps = torch.randn(3, 3, 8, 8)
@@ -136,7 +140,7 @@ def test_r_zero_everywhere_targets_clean_image_and_gradient_flows_only_through_s
 
 def test_edm_loss_weighting():
     net = _net(dropout=0.0)
-    cfg = EDMLossConfig()
+    cfg = EDMLoss()
     y, eps = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
     tn = torch.tensor([-1.0, 1.0]).reshape(-1, 1, 1, 1)
     sigma = (cfg.P_mean + cfg.P_std * tn).exp()

@@ -25,7 +25,7 @@ def test_rule_conda_env_is_environment_yml_with_the_repo_as_seen_from_snakemakes
     assert rule_env == env
 
 
-def test_the_wheel_carries_the_schema_and_templates_so_ect_runs_outside_a_checkout(tmp_path):
+def test_the_wheel_carries_the_templates_and_checks_configs_outside_a_checkout(tmp_path):
     import subprocess
     import sys
     import zipfile
@@ -34,13 +34,13 @@ def test_the_wheel_carries_the_schema_and_templates_so_ect_runs_outside_a_checko
                     str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("ect_pipeline-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"ect/schemas/config.schema.yaml", "ect/report/templates/report.html.j2", "ect/cli.py"} <= names
-    # the installed package validates a config from its own copy of the schema, from anywhere
+    assert {"ect/report/templates/report.html.j2", "ect/spec.py", "ect/cli.py"} <= names
+    # the installed package checks a config with its own spec, from anywhere
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import ect.config as c; "
-            "assert c.SCHEMA_PATH.is_relative_to(sys.argv[1]); c.load_config(sys.argv[2]); print('ok')")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import ect.spec as s; "
+            "assert s.__file__.startswith(sys.argv[1]); s.load_spec(sys.argv[2]); print('ok')")
     out = subprocess.run([sys.executable, "-c", code, str(target), str(ROOT / "config" / "config.yaml")],
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr

@@ -248,8 +248,8 @@ def test_a_killed_step_leaves_no_output_and_a_failed_report_keeps_the_old_one(to
     proc.wait()
     assert not out.exists() and list(tmp_path.glob("*.npz")) == []
 
-    from ect.config import load_config
     from ect.report import build_report, plots
+    from ect.spec import load_spec
     page = repo / "reports/toy/index.html"
     before = sha256(page)
 
@@ -259,7 +259,7 @@ def test_a_killed_step_leaves_no_output_and_a_failed_report_keeps_the_old_one(to
     monkeypatch.setattr(plots, "fid_curve", broken)
     monkeypatch.chdir(repo)
     with pytest.raises(RuntimeError, match="plotting failed"):
-        build_report(load_config("config/config.yaml"), ["config/config.yaml"], "reports/toy")
+        build_report(load_spec("config/config.yaml"), ["config/config.yaml"], "reports/toy")
     assert sha256(page) == before
     assert [p.name for p in (repo / "reports").iterdir() if p.name.startswith(".toy")] == []  # no temporary left
 

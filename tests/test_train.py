@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from ect.checkpoint import read_checkpoint
-from ect.train import TrainConfig, batch_indices, batch_noise, train
+from ect.spec import Tune
+from ect.train import batch_indices, batch_noise, train
 from tests.helpers import TINY_ARCH, ect_command, make_dataset, make_teacher, run_ect, state_dicts_equal, write_config
 
 
@@ -42,12 +43,17 @@ def read_log(path):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="learning_rate"):
-        TrainConfig.from_dict({"learning_rate": 1})
-    with pytest.raises(ValueError, match="Pmean"):
-        TrainConfig.from_dict({"loss": {"Pmean": 1}})
-    with pytest.raises(ValueError, match="optimizer"):
-        TrainConfig.from_dict({"optimizer": "sgd"})
+    base = {"kimg": 1, "batch": 8}
+    with pytest.raises(ValueError, match="unknown key 'learning_rate' in tune"):
+        Tune.from_dict({**base, "learning_rate": 1})
+    with pytest.raises(ValueError, match="unknown key 'Pmean' in tune.loss"):
+        Tune.from_dict({**base, "loss": {"Pmean": 1}})
+    with pytest.raises(ValueError, match="tune.optimizer: 'sgd' is not one of"):
+        Tune.from_dict({**base, "optimizer": "sgd"})
+    with pytest.raises(ValueError, match="tune.output_ema_std: 0.05 is not one of pf_ema_stds"):
+        Tune.from_dict({**base, "output_ema_std": 0.05})
+    with pytest.raises(ValueError, match="tune: 'batch' is a required property"):
+        Tune.from_dict({"kimg": 1})
 
 
 def test_batches_are_epoch_permutations_and_noise_is_per_iteration():
@@ -132,7 +138,7 @@ def test_diverging_loss_stops_and_keeps_last_good_state(setup):
 
 def test_bf16_autocast_and_channels_last_run(setup):
     tmp, data, teacher = setup
-    cfg = TrainConfig.from_dict({**yaml.safe_load(write_config(tmp / "c.yaml").read_text())["tune"],
+    cfg = Tune.from_dict({**yaml.safe_load(write_config(tmp / "c.yaml").read_text())["tune"],
                                  "kimg": 0.04, "bf16": True, "channels_last": True, "tf32": True})
     summary = train(cfg, data, tmp / "st", tmp / "out.pt", init_path=teacher, progress=False)
     assert summary["iterations"] == 5
@@ -181,19 +187,19 @@ def test_pretrain_lowers_edm_loss_and_writes_an_edm_teacher(tmp_path):
 
 
 def test_lr_schedules_and_ema_half_life():
-    cfg = TrainConfig.from_dict({"lr": 1e-3, "lr_schedule": "isqrt", "lr_decay_iters": 100, "batch": 128})
+    cfg = Tune.from_dict({"kimg": 1, "lr": 1e-3, "lr_schedule": "isqrt", "lr_decay_iters": 100, "batch": 128})
     assert [cfg.lr_at(i) for i in (0, 100)] == [1e-3, 1e-3]
     assert cfg.lr_at(400) == pytest.approx(1e-3 / 2)
-    assert TrainConfig.from_dict({"lr": 1e-3}).lr_at(10**6) == 1e-3
-    half = TrainConfig.from_dict({"batch": 128, "ema_halflife_kimg": 0.5})
+    assert Tune.from_dict({"kimg": 1, "batch": 8, "lr": 1e-3}).lr_at(10**6) == 1e-3
+    half = Tune.from_dict({"kimg": 1, "batch": 128, "ema_halflife_kimg": 0.5})
     assert half.ema_decay() == pytest.approx(0.5 ** (128 / 500))
     assert half.ema_decay() ** (500 / 128) == pytest.approx(0.5)
-    assert TrainConfig.from_dict({"ema_beta": 0.9993}).ema_decay() == 0.9993
+    assert Tune.from_dict({"kimg": 1, "batch": 8, "ema_beta": 0.9993}).ema_decay() == 0.9993
 
 
 def test_ema_is_beta_average_of_parameters_after_each_step(setup):
     tmp, data, teacher = setup
-    cfg = TrainConfig.from_dict({**yaml.safe_load(write_config(tmp / "c.yaml").read_text())["tune"],
+    cfg = Tune.from_dict({**yaml.safe_load(write_config(tmp / "c.yaml").read_text())["tune"],
                                  "kimg": 0.008, "ema_beta": 0.9})  # exactly one iteration
     train(cfg, data, tmp / "st", tmp / "out.pt", init_path=teacher, progress=False)
     init = read_checkpoint(teacher)["state_dict"]

@@ -1,10 +1,12 @@
 """Write the DVC pipelines from the Snakemake workflow: `make dvc` (or `python workflow/generate_dvc.py`).
 
-For every preset `config/<name>.yaml` Snakemake builds its whole DAG (as `--forceall` would) and every
-job becomes a DVC stage with the job's command (without its log redirection), inputs as deps, outputs
-as outs (JSON results as metrics) and the config keys the step reads as params (ect/layout.py:
-STEP_READS). The toy default (`config/config.yaml`) goes to `dvc.yaml` at the root, so that a plain
-`dvc repro` is the quick demo; every other preset to `pipelines/<name>/dvc.yaml`.
+For every preset `config/<name>.yaml` Snakemake plans its whole DAG (a dry run with `--forceall`,
+through its public API: each job is reported as a JOB_INFO log record, whose fields the logger-plugin
+interface documents) and every job becomes a DVC stage with the job's command (without its log
+redirection), inputs as deps, outputs as outs (JSON results as metrics) and the config keys the step
+reads as params (ect/spec.py: STEP_READS), in whichever file of the preset (its bases, itself) sets them.
+The toy default (`config/config.yaml`) goes to `dvc.yaml` at the root, so that a plain `dvc repro` is
+the quick demo; every other preset to `pipelines/<name>/dvc.yaml`.
 
 DVC refuses two stages with the same output, so a step whose outputs several presets share (the
 downloads, datasets and Inception statistics under resources/) is written once, into the file of the
@@ -44,81 +46,137 @@ def dvc_file(preset: str) -> Path:
     return ROOT / "dvc.yaml" if preset == TOY else ROOT / "pipelines" / preset / "dvc.yaml"
 
 
-def snakemake_jobs(config_file: str) -> list:
-    """Every job of the preset's whole DAG, from Snakemake itself, in the order the rules are written."""
+SNAKEMAKE_VERSIONS = ("9.",)  # the public API and the JOB_INFO record as used here (tested with 9.27)
+
+
+def snakemake_jobs(config_file: str) -> list[dict]:
+    """Every job of the preset's whole DAG, as Snakemake reports it in a dry run (rule, wildcards, shellcmd,
+    input, output, log), in the pipeline's order (ect/spec.py: RULES)."""
+    import logging
+
+    import snakemake
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings
+    from snakemake_interface_logger_plugins.common import LogEvent
 
-    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-        workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1),
+    if not snakemake.__version__.startswith(SNAKEMAKE_VERSIONS):
+        raise SystemExit(f"generate_dvc.py reads Snakemake {SNAKEMAKE_VERSIONS} job records, not {snakemake.__version__}")
+    jobs = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if getattr(record, "event", None) == LogEvent.JOB_INFO and record.shellcmd:
+                jobs.append({"rule": record.rule_name, "wildcards": dict(record.wildcards or {}),
+                             "shellcmd": record.shellcmd, "input": list(record.input),
+                             "output": list(record.output), "log": list(record.log)})
+
+    handler, logger = Collect(), logging.getLogger("snakemake")
+    logger.addHandler(handler)
+    try:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL}, enable_file_logging=False)) as api:
+            workflow = api.workflow(resource_settings=ResourceSettings(cores=1),
                                     config_settings=ConfigSettings(configfiles=[Path(config_file)]),
                                     snakefile=ROOT / "workflow" / "Snakefile", workdir=ROOT)
-        workflow_api.dag(DAGSettings(forceall=True))
-        workflow = workflow_api._workflow
-        workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True)
-        workflow._build_dag()
-        order = {rule.name: i for i, rule in enumerate(workflow.rules)}
-        jobs = [job for job in workflow.dag.jobs if job.rule.shellcmd]
-        return sorted(jobs, key=lambda job: (order[job.rule.name], [str(w) for w in job.wildcards]))
+            workflow.dag(DAGSettings(forceall=True)).execute_workflow(executor="dryrun")
+    finally:
+        logger.removeHandler(handler)
+    return sorted(jobs, key=lambda job: (rule_order(job["rule"]), sorted(job["wildcards"].items())))
 
 
-def stage_of(job, config_file: str, config: dict) -> tuple[str, dict]:
+def rule_order(rule: str) -> int:
+    """A rule's place in the pipeline (ect/spec.py: RULES); a rule made per item (fetch_teacher_<size>) sits
+    where its family does."""
+    from ect.spec import RULES
+
+    if rule in RULES:
+        return RULES.index(rule)
+    return next((i for i, name in enumerate(RULES) if rule.startswith(name + "_")), len(RULES))
+
+
+def params_of(step: str, wildcards: dict, files: list[str]) -> list:
+    """The DVC params of a step: each declared setting (ect/spec.py: STEP_READS) that a file of the preset
+    sets, under that file; a training section by its keys, without CADENCE_KEYS. The report: whole files."""
+    from ect.config import read_yaml
+    from ect.spec import CADENCE_KEYS, STEP_READS, lookup, step_paths
+
+    if STEP_READS.get(step) == ("",):
+        return [{f: None} for f in files]
+    out = []
+    for f in files:
+        data, keys = read_yaml(ROOT / f), []
+        for path in step_paths(step, wildcards):
+            try:
+                value = lookup(data, path)
+            except (KeyError, TypeError, AttributeError):
+                continue
+            if path in ("pretrain", "tune"):
+                keys += [f"{path}.{k}" for k in value if k not in CADENCE_KEYS]
+            else:
+                keys.append(path)
+        if keys:
+            out.append({f: sorted(keys)})
+    return out
+
+
+def stage_of(job: dict, files: list[str]) -> tuple[str, dict]:
     """(stage name, DVC stage) of one Snakemake job."""
-    from ect.layout import STEP_READS, step_settings
+    from ect.spec import STEP_READS
 
-    name = "-".join([job.rule.name, *map(str, job.wildcards)])
-    cmd = job.shellcmd.strip()
-    prefix, suffix = "exec ", f" > {job.log[0]} 2>&1"
+    name = "-".join([job["rule"], *map(str, job["wildcards"].values())])
+    cmd = job["shellcmd"].strip()
+    prefix, suffix = "exec ", f" > {job['log'][0]} 2>&1"
     if not (cmd.startswith(prefix) and cmd.endswith(suffix)):
-        raise SystemExit(f"rule {job.rule.name}: its shell command must be 'exec <command>{suffix}', got: {cmd}")
+        raise SystemExit(f"rule {job['rule']}: its shell command must be 'exec <command>{suffix}', got: {cmd}")
     stage = {"cmd": cmd[len(prefix):-len(suffix)]}
     if "  " in stage["cmd"]:  # DVC's lock file folds long commands and loses one of two spaces
-        raise SystemExit(f"rule {job.rule.name}: two spaces in a row in its command: {stage['cmd']}")
-    if job.input:
-        stage["deps"] = sorted(map(str, job.input))
-    if STEP_READS.get(job.rule.name) == ("",):
-        stage["params"] = [{config_file: None}]  # the whole file: the report shows the merged config
-    elif job.rule.name in STEP_READS:
-        stage["params"] = [{config_file: sorted(step_settings(config, job.rule.name, dict(job.wildcards)))}]
-    kinds = {"outs": [], "metrics": [], "plots": []}  # JSON results are metrics, CSV tables plots
-    for o in map(str, job.output):
-        kinds["metrics" if o.endswith(".json") else "plots" if o.endswith(".csv") else "outs"].append(o)
+        raise SystemExit(f"rule {job['rule']}: two spaces in a row in its command: {stage['cmd']}")
+    if job["input"]:
+        stage["deps"] = sorted(job["input"])
+    if job["rule"] in STEP_READS:
+        params = params_of(job["rule"], job["wildcards"], files)
+        if params:
+            stage["params"] = params
+    kinds = {"outs": [], "metrics": [], "plots": []}  # a run's JSON results are metrics, its CSV tables plots
+    for o in job["output"]:
+        result = o.startswith("results/")
+        kinds["metrics" if result and o.endswith(".json") else "plots" if result and o.endswith(".csv") else "outs"].append(o)
     stage.update({kind: paths for kind, paths in kinds.items() if paths})
     return name, stage
 
 
-def plot_definitions(stages: dict, config: dict, dvc_dir: Path) -> list:
+def plot_definitions(stages: dict, spec, dvc_dir: Path) -> list:
     """DVC plots of the run's tables (`dvc plots show`; `dvc plots diff` compares runs): a run's FID curve,
     FID at each step count against each cost axis; a scaling study's points, FID against tuning FLOPs."""
     from ect.fid import COST_KEYS
     from ect.layout import RunLayout
 
-    layout, plots = RunLayout(config), []
+    layout, plots = RunLayout(spec), []
     for table in (path for stage in stages.values() for path in stage.get("plots", [])):
         where = os.path.relpath(ROOT / table, dvc_dir)
         if table == layout.curve_table:
-            fids = [f"fid_{steps}step" for steps in config["fid"]["curve_steps"]]
-            plots += [{f"FID against {axis} ({config['run']})": {"x": axis, "y": {where: fids}, "template": "linear"}}
+            fids = [f"fid_{steps}step" for steps in spec.fid.curve_steps]
+            plots += [{f"FID against {axis} ({spec.run})": {"x": axis, "y": {where: fids}, "template": "linear"}}
                       for axis in COST_KEYS if axis != "elapsed_s"]
         elif table == layout.scaling_points:
-            plots.append({f"FID against tuning FLOPs ({config['run']})": {"x": "compute", "y": {where: ["fid"]},
+            plots.append({f"FID against tuning FLOPs ({spec.run})": {"x": "compute", "y": {where: ["fid"]},
                                                                          "template": "scatter"}})
     return plots
 
 
 def generate() -> dict[Path, str]:
     """The text of every DVC file, by path."""
-    from ect.config import load_config
+    from ect.config import config_files
+    from ect.spec import load_spec
 
     files: dict[str, dict] = {p: {} for p in preset_names()}
-    configs = {p: load_config(f"config/{p}.yaml") for p in preset_names()}
+    specs = {p: load_spec(ROOT / f"config/{p}.yaml") for p in preset_names()}
     owner_of: dict[tuple, tuple[str, str, dict]] = {}  # outputs -> (preset, stage name, stage)
     for preset in preset_names():
         config_file = f"config/{preset}.yaml"
-        config = configs[preset]
+        chain = [str(p.relative_to(ROOT)) for p in config_files(ROOT / config_file)]
         for job in snakemake_jobs(config_file):
-            name, stage = stage_of(job, config_file, config)
-            key = tuple(sorted(map(str, job.output)))
+            name, stage = stage_of(job, chain)
+            key = tuple(sorted(job["output"]))
             if key in owner_of:
                 first, _, first_stage = owner_of[key]
                 if not all(o.startswith("resources/") for o in key):
@@ -139,7 +197,7 @@ def generate() -> dict[Path, str]:
                 stage = {"wdir": str(Path(*[".."] * len(wdir.parts))), **stage}
             body[name] = stage
         document = {"stages": body}
-        plots = plot_definitions(stages, configs[preset], path.parent)
+        plots = plot_definitions(stages, specs[preset], path.parent)
         if plots:
             document["plots"] = plots
         text = yaml.dump(document, Dumper=_PlainDumper, sort_keys=False, width=120, default_flow_style=False)

@@ -8,7 +8,6 @@ Everything is local (PNG images, inline CSS), so the page reads offline.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -21,11 +20,11 @@ from pathlib import Path
 import yaml
 
 from ect.checkpoint import read_checkpoint
-from ect.download import RECORD_FILE, ChecksumRecord
 from ect.fileio import remove_stale_temporaries, sha256_file
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.report import plots
 from ect.scaling import read_points
+from ect.typed import plain
 
 PAGE = "index.html"
 PACKAGES = ["ect-pipeline", "torch", "torchvision", "numpy", "scipy", "clean-fid", "snakemake", "dvc", "jinja2",
@@ -68,25 +67,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _runtimes(bench_dir: Path) -> list[dict]:
-    """Snakemake benchmark files (one TSV per job): wall time and peak memory."""
-    rows = []
-    for path in sorted(bench_dir.glob("*.tsv")) if bench_dir.exists() else []:
-        with open(path) as f:
-            rec = next(csv.DictReader(f, delimiter="\t"), None)
-        if rec:
-            rows.append({"job": path.stem, "seconds": float(rec["s"]), "max_rss_mb": rec.get("max_rss", "-")})
-    return rows
+def _runtime(job: str, run: dict | None) -> list[dict]:
+    """A step's own record of its time and device (in its output's meta), as a row of the runtime table."""
+    if not isinstance(run, dict) or not isinstance(run.get("elapsed_s"), (int, float)):
+        return []
+    return [{"job": job, "seconds": float(run["elapsed_s"]), "device": str(run.get("device", "?"))[:80]}]
 
 
-def collect(config: dict, config_files: list[str]) -> dict:
+def collect(spec, config_files: list[str]) -> dict:
     """Everything the template shows, from the run's files."""
-    layout = RunLayout(config)
-    paper = config["report"]["paper"]
+    layout = RunLayout(spec)
+    paper = spec.report.paper
     rows = []
     for name, sample_set in SAMPLE_SETS.items():
         r = _json(Path(layout.fid(name)))
-        paper_value = paper.get(sample_set.paper_key) if paper and sample_set.paper_key else None
+        paper_value = getattr(paper, sample_set.paper_key) if paper and sample_set.paper_key else None
         rows.append({"set": name, "label": sample_set.label, "nfe": r["nfe"], "fid_min": r["fid_min"],
                      "fid_mean": r["fid_mean"], "fid_sets": r["fid_sets"], "paper": paper_value,
                      "verdict": verdict(r["fid_min"], paper_value) if paper_value is not None else None,
@@ -96,80 +91,92 @@ def collect(config: dict, config_files: list[str]) -> dict:
     checkpoints = {name: {"path": layout.checkpoint(name), "sha256": sha256_file(layout.checkpoint(name))}
                    for name in ("teacher", "tuned")}
     tuned_meta = read_checkpoint(layout.tuned)["meta"]
+    teacher_meta = read_checkpoint(layout.teacher)["meta"]
     cost = {"device": tuned_meta.get("device"), "device_hours": tuned_meta.get("device_hours"),
             "flops": tuned_meta.get("flops"), "kimg": tuned_meta.get("kimg")}
     return {
-        **page_header(config),
+        **page_header(spec),
         "claims": claims(rows, paper, cost),
         "cost": cost,
         "paper": paper,
         "fid_rows": rows,
         "protocol": {
             "mode": any_fid["mode"],
-            "modes": config["fid"]["modes"],
-            "feature_net": config["fid"]["feature_net"].get("url", "trained by the feature_net rule (fixed seed)"),
+            "modes": spec.fid.modes,
+            "feature_net": spec.fid.feature_net.url or "trained by the feature_net rule (fixed seed)",
             "feature_net_sha256": any_fid["feature_net_sha256"],
             "feature_net_check": next((d["how"] for d in downloads_checked(layout) if d["path"] == layout.feature_net),
                                       "trained by the feature_net rule"),
-            "feature_net_kind": config["fid"]["feature_net"]["kind"],
+            "feature_net_kind": spec.fid.feature_net.kind,
             "reference": any_fid["reference"],
             "sets": any_fid["sets"],
             "samples_per_set": any_fid["samples_per_set"],
             "seeds": any_fid["seeds"],
-            "t_mid": config["sample"]["t_mid"],
-            "heun_steps": config["sample"]["heun_steps"],
-            "ema_beta": config["tune"].get("ema_beta"),
-            "ema_halflife_kimg": config["tune"].get("ema_halflife_kimg"),
+            "t_mid": spec.sample.t_mid,
+            "heun_steps": spec.sample.heun_steps,
+            "ema_beta": spec.tune.ema_beta,
+            "ema_halflife_kimg": spec.tune.ema_halflife_kimg,
             "curve_samples": curve["samples"],
         },
         "curve_points": curve["points"],
-        "class_labels": config["sample"].get("class_labels"),
+        "class_labels": spec.sample.class_labels,
         "provenance": {
-            **provenance(config, config_files, layout),
+            **provenance(spec, config_files, layout, runtimes(spec, layout, teacher_meta, tuned_meta, curve)),
             "dataset": {"path": layout.dataset, "content_sha256": any_fid["reference"].get("dataset_sha256"),
                         "file_sha256": sha256_file(layout.dataset)},
             "checkpoints": checkpoints,
-            "teacher_source": config["teacher"],
+            "teacher_source": spec.teacher,
         },
     }
 
 
+def runtimes(spec, layout: RunLayout, teacher_meta: dict, tuned_meta: dict, curve: dict) -> list[dict]:
+    """Each step's time and device, as the step recorded them in its outputs (checkpoints' meta, the FID
+    results, the curve): what the report declares as inputs, so nothing else is read for it."""
+    def training(meta):
+        return {"elapsed_s": meta.get("elapsed_s"), "device": (meta.get("device") or {}).get("name")}
+
+    rows = _runtime("pretrain", training(teacher_meta)) if spec.teacher.source == "pretrain" else []
+    rows += _runtime("tune", training(tuned_meta))
+    for name in SAMPLE_SETS:
+        runs = _json(Path(layout.fid(name))).get("runs") or {}
+        rows += _runtime(f"sample {name}", runs.get("sample")) + _runtime(f"fid {name}", runs.get("fid"))
+    return rows + _runtime("fid curve", curve.get("run"))
+
+
 def downloads_checked(layout: RunLayout) -> list[dict]:
-    """Each download of the run and how its checksum was verified: pinned in the preset, or recorded on
-    first use (with the date), or not at all."""
-    record = ChecksumRecord(RECORD_FILE)
+    """Each download of the run and how its checksum was verified (pinned in the preset, or recorded on first
+    use), from the record `ect fetch` writes beside it (a declared input of the report)."""
     out = []
     for rule, (path, entry) in layout.downloads.items():
-        recorded = record.get(entry["url"])
-        if entry.get("sha256") or entry.get("md5"):
-            how, digest = "pinned in the preset", entry.get("sha256") or f"md5 {entry['md5']}"
-        elif recorded:
-            how, digest = f"recorded on first use ({recorded.get('recorded', 'date unknown')})", recorded["sha256"]
-        else:
-            how, digest = f"not verified: no checksum pinned or recorded in {RECORD_FILE}", ""
-        out.append({"what": rule.removeprefix("fetch_").replace("_", " "), "url": entry["url"], "path": path,
-                    "sha256": digest, "how": how})
+        record = Path(layout.fetch_record(path))
+        fetched = _json(record) if record.exists() else {}
+        how = fetched.get("verified") or "not fetched by this run"
+        out.append({"what": rule.removeprefix("fetch_").replace("_", " "), "url": entry.url, "path": path,
+                    "sha256": str(fetched.get("sha256", ""))[:64], "how": str(how)[:200]})
     return out
 
 
-def provenance(config: dict, config_files: list[str], layout: RunLayout) -> dict:
-    """What every report records: code, config, downloads, package versions, runtimes."""
+def provenance(spec, config_files: list[str], layout: RunLayout, runtimes: list[dict]) -> dict:
+    """What every report records: code, the run's settings (defaults filled in), downloads, package versions,
+    each step's runtime as the step recorded it."""
+    settings = {k: v for k, v in plain(spec).items() if v is not None}
     return {"git_commit": _git_commit(Path.cwd()), "config_files": config_files,
-            "config_yaml": yaml.safe_dump(config, sort_keys=False), "downloads": downloads_checked(layout),
-            "versions": _versions(), "runtimes": _runtimes(Path(layout.benchmarks))}
+            "config_yaml": yaml.safe_dump(settings, sort_keys=False), "downloads": downloads_checked(layout),
+            "versions": _versions(), "runtimes": runtimes}
 
 
-def page_header(config: dict) -> dict:
-    return {"run": config["run"], "title": config["report"].get("title", f"ECT run {config['run']}"),
-            "description": config.get("description", ""),
+def page_header(spec) -> dict:
+    return {"run": spec.run, "title": spec.report.title or f"ECT run {spec.run}",
+            "description": spec.description or "",
             "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def collect_scaling(config: dict, config_files: list[str]) -> dict:
+def collect_scaling(spec, config_files: list[str]) -> dict:
     """Everything a scaling study's report shows, from its points and fits."""
-    layout = RunLayout(config)
-    steps = [str(n) for n in config["fid"]["curve_steps"]]
-    fits = [_json(Path(layout.scaling_fit(name))) for name in layout.scaling_fit_names(config["fid"]["curve_steps"])]
+    layout = RunLayout(spec)
+    steps = [str(n) for n in spec.fid.curve_steps]
+    fits = [_json(Path(layout.scaling_fit(name))) for name in layout.scaling_fit_names(spec.fid.curve_steps)]
     grouped: dict[tuple, dict] = {}
     for row in read_points(layout.scaling_points):
         point = grouped.setdefault((row["size"], float(row["kimg"])), {"size": row["size"], "kimg": float(row["kimg"]),
@@ -177,15 +184,15 @@ def collect_scaling(config: dict, config_files: list[str]) -> dict:
         point["sets"].setdefault(row["steps"], []).append(row["fid"])
     points = [{**p, "fid": {s: sum(v) / len(v) for s, v in p["sets"].items()}} for p in grouped.values()]
     teachers = []
-    for size, arch in config["scaling"]["sizes"].items():
-        meta = read_checkpoint(RunLayout(config, size).teacher)["meta"]
+    for size, arch in spec.scaling.sizes.items():
+        meta = read_checkpoint(RunLayout(spec, size).teacher)["meta"]
         teachers.append({"size": size, "arch": arch or "the teacher's", "flops": meta.get("flops")})
-    paper = config["report"].get("paper") or {}
-    return {**page_header(config), "steps": steps, "fits": fits, "frontier": [f for f in fits if f["frontier"]],
-            "points": sorted(points, key=lambda p: (list(config["scaling"]["sizes"]).index(p["size"]), p["kimg"])),
-            "teachers": teachers, "sets": config["scaling"]["sets"], "samples": config["scaling"]["samples"],
-            "statement": paper.get("statement", "(no statement in the preset)"),
-            "provenance": provenance(config, config_files, layout)}
+    statement = spec.report.paper.statement if spec.report.paper else None
+    return {**page_header(spec), "steps": steps, "fits": fits, "frontier": [f for f in fits if f["frontier"]],
+            "points": sorted(points, key=lambda p: (list(spec.scaling.sizes).index(p["size"]), p["kimg"])),
+            "teachers": teachers, "sets": spec.scaling.sets, "samples": spec.scaling.samples,
+            "statement": statement or "(no statement in the preset)",
+            "provenance": provenance(spec, config_files, layout, [])}
 
 
 def verdict(ours: float, paper: float) -> dict:
@@ -206,17 +213,17 @@ def claims(rows: list[dict], paper: dict | None, cost: dict) -> list[dict]:
         return []
     out = [{"claim": f"{row['label']}: FID {row['paper']}", "ours": f"{row['fid_min']:.2f}", **row["verdict"]}
            for row in rows if row["verdict"]]
-    budget = paper.get("budget")
+    budget = paper.budget
     if budget:
         device = (cost.get("device") or {}).get("name", "an unknown device")
         hours = cost.get("device_hours")
         ours = "not measured" if hours is None else f"{hours:.2f} device-hours on {device}"
-        if hours is None or budget["device"] not in device:
-            kind, text = "unjudged", f"measured on {device}, not on an {budget['device']}: not comparable"
+        if hours is None or budget.device not in device:
+            kind, text = "unjudged", f"measured on {device}, not on an {budget.device}: not comparable"
         else:
-            held = hours <= budget["gpu_hours"] * 1.05
-            kind, text = ("held", "within the budget") if held else ("missed", f"{hours / budget['gpu_hours']:.1f}x the budget")
-        out.append({"claim": f"within {budget['gpu_hours']:g} {budget['device']} GPU-hour(s)", "ours": ours,
+            held = hours <= budget.gpu_hours * 1.05
+            kind, text = ("held", "within the budget") if held else ("missed", f"{hours / budget.gpu_hours:.1f}x the budget")
+        out.append({"claim": f"within {budget.gpu_hours:g} {budget.device} GPU-hour(s)", "ours": ours,
                     "text": text, "kind": kind})
     return out
 
@@ -233,14 +240,14 @@ def _check_replaceable(out_dir: Path) -> None:
                           "to replace it; give the report a directory of its own, e.g. reports/<run>")
 
 
-def build_report(config: dict, config_files: list[str], out_dir) -> Path:
+def build_report(spec, config_files: list[str], out_dir) -> Path:
     """Render the report into ``out_dir`` (its page is ``index.html``), replacing the directory as a whole."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
-    layout = RunLayout(config)
-    ctx = (collect_scaling if layout.scaling else collect)(config, config_files)
+    layout = RunLayout(spec)
+    ctx = (collect_scaling if layout.scaling else collect)(spec, config_files)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-new")

@@ -1,43 +1,47 @@
-# Config validation, the run layout and per-rule settings shared by every rule.
+# The run spec, the run layout and per-rule settings shared by every rule.
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
-
-from ect.config import ConfigError, load_config, validate_config
+from ect.config import merge, read_config, read_yaml
 from ect.download import RECORD_FILE
-from ect.layout import SAMPLE_SETS, RunLayout, step_settings
+from ect.layout import SAMPLE_SETS, RunLayout
+from ect.spec import RULES, build_spec, step_values
+from ect.typed import ConfigError
 
 # The same files, in the same order, are handed to every `ect` step that reads a config, so a step
-# sees exactly what Snakemake validated. `--config key=value` has no file to hand over: use an overlay.
+# sees exactly what Snakemake checked. `--config key=value` has no file to hand over: use an overlay.
 CONFIG_FILES = [os.path.relpath(p) for p in workflow.overwrite_configfiles] or ["config/config.yaml"]
 try:
-    validate_config(config, " + ".join(CONFIG_FILES))
-    if config != load_config(*CONFIG_FILES, validate=False):
+    given = {}
+    for path in CONFIG_FILES:
+        given = merge(given, read_yaml(path))
+    if config != given:
         raise ConfigError(
             "--config key=value is not passed on to the steps: put the values in an overlay "
             "file and add it with --configfile"
         )
-except ConfigError as exc:
-    raise WorkflowError(f"invalid config: {exc}")
+    SPEC = build_spec(read_config(*CONFIG_FILES), " + ".join(CONFIG_FILES))  # every value checked (ect/spec.py)
+except ConfigError as exc:  # one line, before any job is planned (a traceback would hide it)
+    print(f"invalid config: {exc}", file=sys.stderr)
+    sys.exit(2)
 
-L = RunLayout(config)  # every path of the run (ect/layout.py)
+L = RunLayout(SPEC)  # every path of the run (ect/layout.py)
 
 
 def config_files(wildcards, input):
     """CONFIG_FILES, as a rule's `config` param. A param function that takes `input` counts as derived
     from the input files, and Snakemake's params rerun trigger skips those: so a changed list of files
     (an overlay that only sets resources, say) reruns no step. The values a step reads are its
-    `settings` param (ect/layout.py: STEP_READS), and a change to those does rerun it (tested)."""
+    `settings` param (ect/spec.py: STEP_READS), and a change to those does rerun it (tested)."""
     return CONFIG_FILES
 
 
 def settings(step):
-    """The config values a step reads, as its `settings` param (the same keys are its DVC params); a
-    function of the job's wildcards (a scaling study's size selects its own arch overrides)."""
-    return lambda wildcards: step_settings(config, step, dict(wildcards))
+    """The values a step reads, as its `settings` param (their keys are its DVC params); a function of the
+    job's wildcards (a scaling study's size selects its own overrides)."""
+    return lambda wildcards: step_values(SPEC, step, dict(wildcards))
 
 
 def per_job(path):
@@ -50,14 +54,9 @@ def size_args(wildcards):
     return optional_args(["--size", wildcards.size] if L.scaling else [])
 
 
-def resource_settings_of(rule_name):
-    """The config's resources.default, overridden by resources.<rule>."""
-    return {**config["resources"]["default"], **config["resources"].get(rule_name, {})}
-
-
 def resources_of(rule_name):
     """A rule's Snakemake resources: its settings without threads, and no gpu key when it asks for none."""
-    res = resource_settings_of(rule_name)
+    res = SPEC.resources_of(rule_name)
     res.pop("threads")
     if not res.get("gpu"):
         res.pop("gpu", None)
@@ -70,7 +69,7 @@ def gpus_of(rule_name):
 
 
 def threads_of(rule_name):
-    return resource_settings_of(rule_name)["threads"]
+    return SPEC.resources_of(rule_name)["threads"]
 
 
 def dataset_args(wildcards, input):
@@ -90,14 +89,15 @@ def checksum_args(entry):
 
     Steps whose outputs under resources/ several presets share (downloads, reference statistics) take
     these values rather than the config files, so changing preset does not rerun them."""
-    return optional_args(arg for key in ("md5", "sha256") if entry.get(key) for arg in (f"--{key}", entry[key]))
+    pinned = [(key, getattr(entry, key, None)) for key in ("md5", "sha256")]
+    return optional_args(arg for key, value in pinned if value for arg in (f"--{key}", value))
 
 
 def fetch_args(entry):
     """A download's checks: its pinned checksums, or else trust on first use against RECORD_FILE; its size."""
     pinned = checksum_args(entry)
     return (pinned or optional_args(["--record", RECORD_FILE])) + optional_args(
-        ["--size", entry["size"]] if entry.get("size") else []
+        ["--size", entry.size] if entry.size else []
     )
 
 
@@ -108,12 +108,9 @@ def checkpoint_of(wildcards):
 
 def gpu_hours():
     """Requested GPU-hours of each GPU rule = jobs x GPUs x runtime limit (an upper bound, for planning)."""
-    models = len(L.scaling["sizes"]) if L.scaling else 1  # a scaling study trains a model per size
-    jobs = {"fid_reference": L.reference_shards, "pretrain": models, "tune": models}  # fid_reference: per shard
-    if L.scaling:
-        jobs["scaling_point"] = models * len(L.scaling["budgets_kimg"])
-    else:
-        jobs.update(sample=len(SAMPLE_SETS), fid=len(SAMPLE_SETS), fid_curve=1)
+    jobs = {}
+    for rule_name, _ in L.jobs():  # every job of the run (ect/layout.py), counted by the rule whose resources it takes
+        jobs[rule_name] = jobs.get(rule_name, 0) + 1
     rows = []
     for rule_name, n in jobs.items():
         res = resources_of(rule_name)
@@ -188,14 +185,19 @@ def scaling_fit_args(fit):
 
 
 def report_inputs(wildcards):
-    """What the report shows: a run's FIDs, grids, curves, logs and checkpoints, or a study's points and fits."""
+    """Every file the report reads (a test keeps it so): a run's FIDs, grids, curves, logs and checkpoints, or a
+    study's points, fits and teachers; and how each download was fetched."""
+    downloads = [L.fetch_record(path) for path, _ in L.downloads.values()]
     if L.scaling:
-        return {"points": L.scaling_points, "fits": [L.scaling_fit(name) for name in FITS]}
+        teachers = [RunLayout(SPEC, size).teacher for size in L.scaling.sizes]
+        return {"points": L.scaling_points, "fits": [L.scaling_fit(name) for name in FITS], "teachers": teachers,
+                "downloads": downloads}
     return {
+        "downloads": downloads,
         "fid": [L.fid(s) for s in SAMPLE_SETS],
         "grids": [L.grid(s) for s in SAMPLE_SETS],
         "curve": L.curve,
-        "logs": ([L.pretrain_log] if config["teacher"]["source"] == "pretrain" else []) + [L.train_log],
+        "logs": ([L.pretrain_log] if SPEC.teacher.source == "pretrain" else []) + [L.train_log],
         "checkpoints": [L.teacher, L.tuned],
         "data": L.dataset,
     }

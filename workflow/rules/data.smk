@@ -6,7 +6,8 @@ for fetch_rule, (download, entry) in L.downloads.items():
         name:
             fetch_rule
         output:
-            download,
+            file=download,
+            record=L.fetch_record(download),
         log:
             L.log(fetch_rule),
         benchmark:
@@ -17,10 +18,11 @@ for fetch_rule, (download, entry) in L.downloads.items():
         resources:
             **resources_of(fetch_rule),
         params:
-            url=entry["url"],
+            url=entry.url,
             checks=fetch_args(entry),
         shell:
-            "exec ect fetch {params.url:q}{params.checks} --out {output:q} --no-progress > {log:q} 2>&1"
+            "exec ect fetch {params.url:q}{params.checks} --out {output.file:q} --provenance {output.record:q}"
+            " --no-progress > {log:q} 2>&1"
 
 
 rule dataset:
@@ -38,18 +40,16 @@ rule dataset:
     resources:
         **resources_of("dataset"),
     params:
-        source=config["dataset"]["source"],
-        resolution=config["dataset"]["resolution"],
+        source=SPEC.dataset.source,
+        resolution=SPEC.dataset.resolution,
         # a download (cifar10), or a local copy the user points at (imagenet's dataset.path: not an input,
         # so a dry run plans without it; prepare-data names it if it is missing)
         archive=lambda wildcards, input: optional_args(
-            ["--archive", input.archive or config["dataset"]["path"]]
-            if input.archive or config["dataset"].get("path")
+            ["--archive", input.archive or SPEC.dataset.path]
+            if input.archive or SPEC.dataset.path
             else []
         ),
-        expect_count=optional_args(
-            ["--expect-count", config["dataset"]["expected_count"]] if config["dataset"].get("expected_count") else []
-        ),
+        expect_count=optional_args(["--expect-count", SPEC.dataset.expected_count] if SPEC.dataset.expected_count else []),
     shell:
         "exec ect prepare-data --source {params.source:q} --resolution {params.resolution:q}{params.archive}"
         "{params.expect_count} --out {output:q} --no-progress > {log:q} 2>&1"

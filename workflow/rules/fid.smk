@@ -1,6 +1,6 @@
 # FID: the feature network, the dataset's reference statistics, FID of each sample set and of every
 # tuning snapshot. (Inception, for the paper presets, is a download: see data.smk.)
-if config["fid"]["feature_net"]["kind"] == "digits-classifier":
+if SPEC.fid.feature_net.kind == "digits-classifier":
 
     rule feature_net:
         """The toy FID feature network: a digits classifier trained with a fixed seed."""
@@ -31,9 +31,9 @@ FID_STATS = (
     "{params.checksums} --modes {params.modes:q}"
 )
 FID_STATS_PARAMS = dict(
-    kind=config["fid"]["feature_net"]["kind"],
-    checksums=checksum_args(config["fid"]["feature_net"]),
-    modes=config["fid"]["modes"],
+    kind=SPEC.fid.feature_net.kind,
+    checksums=checksum_args(SPEC.fid.feature_net),
+    modes=list(SPEC.fid.modes),
 )
 
 if L.reference_shards == 1:

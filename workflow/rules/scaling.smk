@@ -1,8 +1,8 @@
 # A scaling study (a config with a `scaling` section): each size's snapshots at the budget points are
 # scored (a job per point), gathered into one table and fitted with power laws, across sizes (the
 # compute frontier) and per size. `snakemake scaling` runs it; the report shows the fits.
-BUDGETS = {f"{kimg:g}": kimg for kimg in L.scaling["budgets_kimg"]}
-FITS = L.scaling_fit_names(config["fid"]["curve_steps"])
+BUDGETS = {f"{kimg:g}": kimg for kimg in L.scaling.budgets_kimg}
+FITS = L.scaling_fit_names(SPEC.fid.curve_steps)
 
 
 rule scaling_point:
@@ -19,7 +19,7 @@ rule scaling_point:
     benchmark:
         L.benchmark("scaling_point-{size}-{kimg}")
     wildcard_constraints:
-        size="|".join(L.scaling["sizes"]),
+        size="|".join(L.scaling.sizes),
         kimg="|".join(BUDGETS),
     conda:
         "../envs/ect.yaml"
@@ -39,7 +39,7 @@ rule scaling_point:
 rule scaling_points:
     """Every point as one table: compute, FID per set, size, steps."""
     input:
-        [L.scaling_point(size, kimg) for size in L.scaling["sizes"] for kimg in BUDGETS],
+        [L.scaling_point(size, kimg) for size in L.scaling.sizes for kimg in BUDGETS],
     output:
         L.scaling_points,
     log:

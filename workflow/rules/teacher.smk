@@ -1,5 +1,5 @@
 # The teacher: trained here (toy) or a pretrained EDM pickle converted to our checkpoint.
-if config["teacher"]["source"] == "pretrain":
+if SPEC.teacher.source == "pretrain":
 
     rule pretrain:
         """Toy stand-in for the EDM download: train a small EDM teacher from scratch."""
@@ -44,6 +44,6 @@ else:
         resources:
             **resources_of("teacher"),
         params:
-            checksums=lambda wildcards: checksum_args(L.teacher_entry_of(wildcards.get("size"), config["teacher"])),
+            checksums=lambda wildcards: checksum_args(L.teacher_entry_of(wildcards.get("size"), SPEC.teacher)),
         shell:
             "exec ect convert-edm {input:q} {output:q}{params.checksums} > {log:q} 2>&1"
