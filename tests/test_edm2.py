@@ -342,7 +342,9 @@ def test_tune_from_an_edm2_teacher_uses_labels_drops_the_logvar_head_and_keeps_p
     config = write_config(tmp_path / "c.yaml", tune=dict(
         kimg=0.08, batch=8, optimizer="adam", betas=[0.9, 0.99], lr_schedule="isqrt", lr_decay_iters=2, grad_posinf=0,
         pf_ema_stds=[0.05, 0.1], output_ema_std=0.05, arch={"dropout": 0.2, "dropout_res": 4},
-        loss={"P_mean": -0.8, "P_std": 1.6, "q": 4, "c": 0.06, "weighting": "snrpk", "double": 5}))
+        loss={"P_mean": -0.8, "P_std": 1.6, "q": 4, "c": 0.06, "weighting": "snrpk", "double": 5}),
+        pretrain={"arch": {"kind": "edm2", "label_dim": 10, "model_channels": 8, "channel_mult": [1, 2],
+                           "attn_resolutions": [], "channels_per_head": 8}})  # the teacher's network
     proc = run_ect("tune", "--config", config, "--data", data, "--teacher", teacher, "--state-dir", tmp_path / "st",
                    "--out", tmp_path / "tuned.pt", "--threads", "1", "--no-progress")
     assert "logvar_fourier.freqs" in proc.stderr  # the teacher's log-variance head is reported as not used

@@ -7,6 +7,7 @@ import re
 import pytest
 import yaml
 
+from ect.config import read_config
 from ect.layout import RunLayout
 from ect.spec import load_spec, training_options
 from ect.typed import ConfigError
@@ -28,7 +29,7 @@ def gpu_hours(stdout: str) -> dict[str, float]:
 @pytest.mark.parametrize("size", SIZES)
 def test_each_imagenet_preset_plans_the_whole_chain_with_its_gpu_hours(size):
     preset = f"config/imagenet64-{size}.yaml"
-    cfg = yaml.safe_load((ROOT / preset).read_text())
+    cfg = read_config(ROOT / preset)  # with its base
     out = run(["snakemake", "-n", "--configfile", preset], ROOT).stdout
     shards = cfg["fid"]["reference_shards"]
     assert planned(out) == {"dataset": 1, "fetch_feature_net": 1, "fetch_teacher": 1, "fid_reference_shard": shards,
@@ -66,7 +67,7 @@ def test_the_imagenet_scaling_preset_tunes_each_size_from_its_own_teacher_with_i
 
 
 def test_scaling_teachers_must_cover_every_size(tmp_path):
-    cfg = yaml.safe_load((ROOT / "config/imagenet64-scaling.yaml").read_text())
+    cfg = read_config(ROOT / "config/imagenet64-scaling.yaml")
     del cfg["scaling"]["teachers"]["XL"]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="a download for every size"):

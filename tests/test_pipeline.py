@@ -20,10 +20,11 @@ import pytest
 import yaml
 
 from ect.layout import SAMPLE_SETS, RunLayout
+from ect.spec import build_spec, load_spec
 from tests.helpers import BIN, ROOT, clone_repo, env, run, sha256, toy_config
 
 pytestmark = pytest.mark.slow
-TOY = RunLayout(toy_config())  # every path of the toy run
+TOY = RunLayout(build_spec(toy_config()))  # every path of the toy run
 SETS = list(SAMPLE_SETS)
 
 
@@ -456,7 +457,7 @@ def test_the_toy_scaling_study_scores_every_point_fits_the_laws_and_reports_them
                "fid": {"feature_net": {"epochs": 2}}}
     (repo / "small.yaml").write_text(yaml.safe_dump(overlay))
     run(["snakemake", "scaling", "--configfile", "config/toy-scaling.yaml", "small.yaml"], repo, timeout=1200)
-    study = RunLayout(yaml.safe_load((repo / "config/toy-scaling.yaml").read_text()))
+    study = RunLayout(load_spec(repo / "config/toy-scaling.yaml"))
     for size in ("xs", "s", "m"):
         for kimg in ("0.8", "1.6", "2.4", "3.2"):
             assert (repo / study.scaling_point(size, kimg)).exists() and \
