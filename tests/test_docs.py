@@ -32,3 +32,14 @@ def test_no_tracked_file_cites_a_path_outside_the_repository():
         if path.suffix in (".py", ".md", ".yaml", ".smk", ".j2", ".sh", "") and path.is_file():
             text = path.read_text(errors="replace")
             assert not any(outside in text for outside in OUTSIDE), name
+
+
+def test_no_function_of_the_library_is_longer_than_sixty_lines():
+    """Read top to bottom: a function that does not fit a screen is split into named phases."""
+    import ast
+
+    for path in sorted((ROOT / "ect").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path.relative_to(ROOT)}:{node.lineno} {node.name} has {length} lines"

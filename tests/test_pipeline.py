@@ -103,9 +103,40 @@ def test_report_parses_references_only_existing_local_files_and_shows_the_number
     assert "not comparable" in text
     assert fid(repo, "ect-1step")["feature_net_sha256"] in text
     assert sha256(repo / TOY.tuned) in text
-    assert "tune" in text and "wall time" in text  # per-rule runtimes from the benchmark files
+    assert "sample ect-2step" in text and "wall time" in text  # each step's runtime, as the step recorded it
     curve = json.loads((repo / TOY.curve).read_text())
     assert [p["kimg"] for p in curve["points"]] == sorted(p["kimg"] for p in curve["points"]) and len(curve["points"]) == 4
+
+
+AUDIT = """
+import json, os, sys
+from ect.report import build_report
+from ect.spec import load_spec
+opened = set()
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, os.PathLike)):
+        opened.add(os.path.relpath(os.path.abspath(args[0])))
+sys.addaudithook(hook)
+build_report(load_spec(*sys.argv[2:]), sys.argv[2:], sys.argv[1])
+print(json.dumps(sorted(opened)))
+"""
+
+
+def report_reads(repo, out, *configs) -> set[str]:
+    """Every file under the repository that `ect report` opens (an audit hook on open), bar the code, its config
+    files (its params) and its own output."""
+    proc = subprocess.run([sys.executable, "-c", AUDIT, out, *configs], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    own = ("..", "/", out, ".git", "ect/", *configs)  # not the run's files: the code, its templates, the configs
+    return {p for p in json.loads(proc.stdout.splitlines()[-1]) if not p.startswith(own) and os.path.isfile(repo / p)}
+
+
+def test_the_report_opens_only_the_files_it_declares(toy_run, tmp_path):
+    """Snakemake and DVC know when the report is stale only if every file it reads is a declared input."""
+    repo, _, _ = toy_run
+    declared = set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["report"]["deps"])
+    read = report_reads(repo, "reports/audit", "config/config.yaml")
+    assert read and read <= declared, read - declared
 
 
 def test_report_screenshot_in_headless_chromium_is_not_blank(toy_run, tmp_path):
@@ -176,12 +207,15 @@ def test_forcerun_reruns_the_rule_and_its_dependents_only(toy_run):
 def test_bad_config_key_or_value_stops_snakemake_with_one_clear_error(toy_run, tmp_path):
     repo, _, _ = toy_run
     for overlay, expected in [({"tune": {"lrr": 0.1}}, "unknown key 'lrr' in tune"),
-                              ({"sample": {"sets": 0}}, "sample.sets: 0 is less than the minimum of 1")]:
+                              ({"sample": {"sets": 0}}, "sample.sets: 0 is less than the minimum of 1"),
+                              ({"tune": {"loss": {"q": 1}}}, "tune.loss.q: 1 is less than or equal to the minimum"),
+                              ({"tune": {"arch": {"model_channels": 2048}}}, "tune.arch.model_channels: 2048 is")]:
         path = tmp_path / "overlay.yaml"
         path.write_text(yaml.safe_dump(overlay))
         proc = run(["snakemake", "-n", "--configfile", "config/config.yaml", str(path)], repo, check=False)
-        assert proc.returncode != 0
-        assert expected in proc.stdout + proc.stderr
+        assert proc.returncode == 2 and proc.stdout == ""  # planned nothing
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("invalid config: ")]
+        assert len(errors) == 1 and expected in errors[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_lint_and_snakemake_report_are_clean(toy_run, tmp_path):
@@ -458,6 +492,9 @@ def test_the_toy_scaling_study_scores_every_point_fits_the_laws_and_reports_them
     (repo / "small.yaml").write_text(yaml.safe_dump(overlay))
     run(["snakemake", "scaling", "--configfile", "config/toy-scaling.yaml", "small.yaml"], repo, timeout=1200)
     study = RunLayout(load_spec(repo / "config/toy-scaling.yaml"))
+    declared = set(yaml.safe_load((repo / "pipelines/toy-scaling/dvc.yaml").read_text())["stages"]["report"]["deps"])
+    read = report_reads(repo, "reports/audit", "config/toy-scaling.yaml", "small.yaml")
+    assert {RunLayout(load_spec(repo / "config/toy-scaling.yaml"), "m").teacher} <= read <= declared, read - declared
     for size in ("xs", "s", "m"):
         for kimg in ("0.8", "1.6", "2.4", "3.2"):
             assert (repo / study.scaling_point(size, kimg)).exists() and \
