@@ -190,8 +190,12 @@ def report_inputs(wildcards):
     downloads = [L.fetch_record(path) for path, _ in L.downloads.values()]
     if L.scaling:
         teachers = [RunLayout(SPEC, size).teacher for size in L.scaling.sizes]
-        return {"points": L.scaling_points, "fits": [L.scaling_fit(name) for name in FITS], "teachers": teachers,
-                "downloads": downloads}
+        return {
+            "points": L.scaling_points,
+            "fits": [L.scaling_fit(name) for name in FITS],
+            "teachers": teachers,
+            "downloads": downloads,
+        }
     return {
         "downloads": downloads,
         "fid": [L.fid(s) for s in SAMPLE_SETS],

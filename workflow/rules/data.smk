@@ -45,11 +45,11 @@ rule dataset:
         # a download (cifar10), or a local copy the user points at (imagenet's dataset.path: not an input,
         # so a dry run plans without it; prepare-data names it if it is missing)
         archive=lambda wildcards, input: optional_args(
-            ["--archive", input.archive or SPEC.dataset.path]
-            if input.archive or SPEC.dataset.path
-            else []
+            ["--archive", input.archive or SPEC.dataset.path] if input.archive or SPEC.dataset.path else []
         ),
-        expect_count=optional_args(["--expect-count", SPEC.dataset.expected_count] if SPEC.dataset.expected_count else []),
+        expect_count=optional_args(
+            ["--expect-count", SPEC.dataset.expected_count] if SPEC.dataset.expected_count else []
+        ),
     shell:
         "exec ect prepare-data --source {params.source:q} --resolution {params.resolution:q}{params.archive}"
         "{params.expect_count} --out {output:q} --no-progress > {log:q} 2>&1"
