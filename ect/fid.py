@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import warnings
 import zipfile
@@ -295,6 +296,43 @@ def merge_reference_shards(paths, out) -> dict:
     return {**meta, "modes": list(stats), "shards": n}
 
 
+REFERENCE_MATCH = 0.01  # a Frechet distance between two computations of one dataset's statistics that passes
+
+
+def read_published_stats(path) -> tuple[np.ndarray, np.ndarray]:
+    """Reference statistics a paper's authors published: EDM's .npz (mu, sigma), checked (finite float arrays of
+    matching shapes, a square covariance)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise FIDError(f"published reference statistics {path}: only EDM's .npz format (mu, sigma) is read")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = f["mu"], f["sigma"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise FIDError(f"cannot read published reference statistics {path}: {str(exc)[:200]}") from None
+    if not (mu.ndim == 1 and sigma.shape == (len(mu), len(mu)) and 0 < len(mu) <= 65536
+            and np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)
+            and np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"published reference statistics {path}: mu and sigma must be finite floats of shapes (D,) "
+                       f"and (D, D), not {mu.shape} and {sigma.shape}")
+    return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+def compare_reference(ours_path, theirs_path, mode: str) -> dict:
+    """The Frechet distance between our reference statistics (in ``mode``) and the published ones: near 0 when
+    our data and preprocessing match the authors'."""
+    ours, meta = load_stats(ours_path)
+    if mode not in ours:
+        raise FIDError(f"reference statistics {ours_path} have no {mode!r} statistics")
+    mu, sigma = read_published_stats(theirs_path)
+    if ours[mode][0].shape != mu.shape:
+        raise FIDError(f"{theirs_path} has {mu.shape[0]}-d features, {ours_path} {ours[mode][0].shape[0]}-d: not the "
+                       "same feature network")
+    distance = frechet_distance(*ours[mode], mu, sigma)
+    return {"ours": str(ours_path), "theirs": str(theirs_path), "mode": mode, "frechet_distance": distance,
+            "threshold": REFERENCE_MATCH, "pass": distance < REFERENCE_MATCH, "images": meta.get("images")}
+
+
 def open_reference(settings, ref_path, feature_net, device, modes=None):
     """The reference statistics and the matching extractors; refuse a pair that does not belong together."""
     ref, ref_meta = load_stats(ref_path)
@@ -350,7 +388,8 @@ def score_snapshot(path, settings, reference, extractor, sets: int, samples: int
 
     net = load_network(path, device=device)
     meta = read_checkpoint(path)["meta"]
-    point = {"snapshot": Path(path).name, **{k: meta.get(k) for k in COST_KEYS}}
+    trained_on = meta.get("device") if isinstance(meta.get("device"), dict) else {}
+    point = {"snapshot": Path(path).name, **{k: meta.get(k) for k in COST_KEYS}, "device": trained_on.get("name")}
     seeds, batch = list(range(sets * samples)), settings.sample.batch
     labels = labels_for(net, seeds, settings.sample.class_labels or LABEL_SAMPLING[0], dataset)
     for steps in settings.fid.curve_steps:
@@ -381,19 +420,78 @@ def fid_curve(settings, snapshot_dir, ref_path, feature_net, device, progress: b
             "run": {"elapsed_s": time.perf_counter() - started, "device": str(device)}}
 
 
+def snapshot_at(snapshot_dir, kimg: float) -> Path:
+    """The snapshot of a tuning run after ``kimg`` thousand images."""
+    path = Path(snapshot_dir) / snapshot_name(round(kimg * 1000))
+    if not path.is_file():
+        raise FIDError(f"no snapshot at {kimg:g} kimg in {snapshot_dir} ({path.name}): a budget must be a multiple "
+                       "of tune.snapshot_kimg")
+    return path
+
+
+def score_snapshots(settings, paths, sets: int, samples: int, ref_path, feature_net, device, dataset=None) -> dict:
+    """Snapshots scored with ``sets`` sets of ``samples`` at each of fid.curve_steps steps (the headline mode)."""
+    mode = settings.fid.modes[0]
+    ref, _, ex, digest = open_reference(settings, ref_path, feature_net, device, modes=[mode])
+    points = [score_snapshot(path, settings, ref[mode], ex[mode], sets, samples, device, dataset) for path in paths]
+    return {"points": points, "mode": mode, "sets": sets, "samples": samples, "feature_net_sha256": digest}
+
+
 def scaling_point(settings, snapshot_dir, kimg: float, size: str, ref_path, feature_net, device,
                   dataset=None) -> dict:
     """One point of a scaling study: the snapshot of a size's tuning run at ``kimg``, scored with
     scaling.sets sets of scaling.samples at each of fid.curve_steps steps."""
-    mode = settings.fid.modes[0]
-    ref, _, ex, digest = open_reference(settings, ref_path, feature_net, device, modes=[mode])
-    path = Path(snapshot_dir) / snapshot_name(round(kimg * 1000))
-    if not path.exists():
-        raise FIDError(f"no snapshot at {kimg:g} kimg in {snapshot_dir} ({path.name}): scaling.budgets_kimg must be "
-                       "multiples of tune.snapshot_kimg")
-    sets, samples = settings.scaling.sets, settings.scaling.samples
-    point = score_snapshot(path, settings, ref[mode], ex[mode], sets, samples, device, dataset)
-    return {"size": size, **point, "mode": mode, "sets": sets, "samples": samples, "feature_net_sha256": digest}
+    scored = score_snapshots(settings, [snapshot_at(snapshot_dir, kimg)], settings.scaling.sets,
+                             settings.scaling.samples, ref_path, feature_net, device, dataset)
+    point = scored.pop("points")[0]
+    return {"size": size, **point, **scored}
+
+
+def fid_snapshot(settings, snapshot_dir, kimg: float, ref_path, feature_net, device, dataset=None) -> dict:
+    """A snapshot at a budget the paper publishes a number at, scored with the full protocol (sample.sets sets of
+    sample.samples_per_set, as the final model is)."""
+    scored = score_snapshots(settings, [snapshot_at(snapshot_dir, kimg)], settings.sample.sets,
+                             settings.sample.samples_per_set, ref_path, feature_net, device, dataset)
+    return {**scored.pop("points")[0], **scored}
+
+
+def fid_budget(settings, curve_path, snapshot_dir, ref_path, feature_net, device, dataset=None) -> dict:
+    """A compute-budget claim (report.paper.budget) judged from the FID curve: the snapshots near the crossing
+    and the best within the budget are scored with the full protocol, then ect.claims judges it."""
+    from ect.claims import budget_candidates, judge_budget
+    from ect.layout import SAMPLE_SETS
+
+    budget = settings.report.paper.budget
+    key = f"fid_{SAMPLE_SETS[budget.set].steps}step"
+    points = read_curve(curve_path, key)
+    names = budget_candidates(points, key, budget.fid, budget.gpu_hours)
+    scored = score_snapshots(settings, [Path(snapshot_dir) / n for n in names], settings.sample.sets,
+                             settings.sample.samples_per_set, ref_path, feature_net, device, dataset)
+    full = {p["snapshot"]: p[key] for p in scored["points"]}
+    measured = next((p["device"] for p in points if isinstance(p.get("device"), str)), None)  # where it trained
+    judged = judge_budget(points, full, key, plain_budget(budget), measured)
+    return {**judged, "set": budget.set, "source": budget.source, "mode": scored["mode"], "sets": scored["sets"],
+            "samples": scored["samples"], "curve_samples": settings.fid.curve_samples}
+
+
+def plain_budget(budget) -> dict:
+    return {k: getattr(budget, k) for k in ("gpu_hours", "device", "fid", "statistic")}
+
+
+def read_curve(path, key: str) -> list[dict]:
+    """The points of a FID curve (`ect fid-curve`), every field checked: a snapshot name, finite numbers."""
+    try:
+        curve = json.loads(Path(path).read_text())
+        points = curve["points"]
+        if not isinstance(points, list) or len(points) > 100_000:
+            raise ValueError("'points' is not a list of at most 100,000 points")
+        for p in points:
+            if not (isinstance(p, dict) and isinstance(p.get("snapshot"), str) and p["snapshot"].endswith(".pt")
+                    and "/" not in p["snapshot"] and isinstance(p.get(key), (int, float)) and math.isfinite(p[key])):
+                raise ValueError(f"a point without a snapshot name or a finite {key}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FIDError(f"cannot read FID curve {path}: {str(exc)[:200]}") from None
+    return points
 
 
 def scaling_table(points: list[dict]) -> str:

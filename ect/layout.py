@@ -26,16 +26,15 @@ class SampleSet:
     sampler: str  # "consistency" or "heun"
     steps: int  # consistency steps (the Heun sampler takes its steps from sample.heun_steps)
     label: str  # how the report names it
-    paper_key: str | None = None  # the key of report.paper holding the paper's number for it
 
 
 SAMPLE_SETS = {
     # the teacher used as a 1-step model: what ECT improves on
     "teacher-1step": SampleSet("teacher", "consistency", 1, "Teacher as a 1-step model"),
     # the teacher's own sampler: the diffusion baseline
-    "teacher-heun": SampleSet("teacher", "heun", 0, "Teacher, EDM Heun sampler", "fid_teacher_heun"),
-    "ect-1step": SampleSet("tuned", "consistency", 1, "ECT, 1 step", "fid_1step"),
-    "ect-2step": SampleSet("tuned", "consistency", 2, "ECT, 2 steps", "fid_2step"),
+    "teacher-heun": SampleSet("teacher", "heun", 0, "Teacher, EDM Heun sampler"),
+    "ect-1step": SampleSet("tuned", "consistency", 1, "ECT, 1 step"),
+    "ect-2step": SampleSet("tuned", "consistency", 2, "ECT, 2 steps"),
 }
 
 class RunLayout:
@@ -45,12 +44,42 @@ class RunLayout:
     def __init__(self, spec, size: str = "{size}"):
         self.run = spec.run
         self.scaling = spec.scaling
-        dataset, teacher, feature_net = spec.dataset, spec.teacher, spec.fid.feature_net
         self.results = f"results/{self.run}"
         self.report_dir = f"reports/{self.run}"
         self.report = f"{self.report_dir}/index.html"
 
-        # Shared by every run on the same data (resources/).
+        self._shared_paths(spec)
+
+        # The run's own files (a scaling study's: each size's).
+        self.logs = f"{self.results}/logs"
+        self.benchmarks = f"{self.results}/benchmarks"
+        self.size = size if self.scaling else None
+        self.model = f"{self.results}/sizes/{size}" if self.scaling else self.results
+        self.job_suffix = f"-{size}" if self.scaling else ""  # in the log and benchmark names of per-size jobs
+        self.teacher = f"{self.model}/teacher.pt"
+        self.pretrain_log = f"{self.model}/pretrain-log.jsonl"
+        self.tuned = f"{self.model}/tuned.pt"
+        self.snapshots = f"{self.model}/snapshots"
+        self.train_log = f"{self.model}/train-log.jsonl"
+        self.curve = f"{self.results}/fid/curve.json"
+        self.curve_table = f"{self.results}/fid/curve.csv"
+        # The paper's numbers: those published at an earlier budget are snapshots scored with the full
+        # protocol; a compute-budget claim is judged from the curve; every verdict goes to claims.json.
+        paper = spec.report.paper
+        self.claim_kimgs = sorted({c.kimg for c in paper.claims if c.kimg is not None and c.kimg != spec.tune.kimg}
+                                  ) if paper and not self.scaling else []
+        self.budget_fid = f"{self.results}/fid/budget.json" if paper and paper.budget and not self.scaling else None
+        self.claims = f"{self.results}/claims.json"
+
+        # A scaling study: a FID point per (size, budget), the points as one table, the power-law fits.
+        self.scaling_dir = f"{self.results}/scaling"
+        self.scaling_points = f"{self.scaling_dir}/points.csv"
+        self._jobs = self._job_names(spec)
+
+    def _shared_paths(self, spec) -> None:
+        """What several runs share under resources/ (downloads, datasets, Inception statistics), and the downloads
+        a run fetches."""
+        dataset, teacher, feature_net = spec.dataset, spec.teacher, spec.fid.feature_net
         self.dataset = f"resources/datasets/{dataset.source}-{dataset.resolution}/dataset.npz"
         self.dataset_archive = f"resources/downloads/{posixpath.basename(dataset.url)}" if dataset.url else None
         # A class-conditional run (sample.class_labels set) draws its sampling labels from the dataset's.
@@ -67,6 +96,9 @@ class RunLayout:
             self.reference = f"{self.results}/fid/reference.npz"
         # Reference statistics of a large dataset are computed in shards (a job each) and merged.
         self.reference_shards = spec.fid.reference_shards
+        published = spec.fid.published_reference  # the authors' statistics, to check ours against
+        self.published_reference = f"resources/fid/{posixpath.basename(published.url)}" if published else None
+        self.reference_check = f"{self.results}/fid/reference-check.json" if published else None
         # What the fetch rules download: rule -> (path, the config entry with its url and checksums).
         teachers = ([(f"fetch_teacher_{size}", self.teacher_pickle_of(size), entry)
                      for size, entry in self.teacher_downloads.items()] if self.teacher_downloads
@@ -74,26 +106,8 @@ class RunLayout:
         self.downloads = {rule: (path, entry) for rule, path, entry in (
             ("fetch_dataset", self.dataset_archive, dataset), *teachers,
             ("fetch_feature_net", self.feature_net if feature_net.kind == "inception" else None, feature_net),
+            ("fetch_published_reference", self.published_reference, published),
         ) if path}
-
-        # The run's own files (a scaling study's: each size's).
-        self.logs = f"{self.results}/logs"
-        self.benchmarks = f"{self.results}/benchmarks"
-        self.size = size if self.scaling else None
-        self.model = f"{self.results}/sizes/{size}" if self.scaling else self.results
-        self.job_suffix = f"-{size}" if self.scaling else ""  # in the log and benchmark names of per-size jobs
-        self.teacher = f"{self.model}/teacher.pt"
-        self.pretrain_log = f"{self.model}/pretrain-log.jsonl"
-        self.tuned = f"{self.model}/tuned.pt"
-        self.snapshots = f"{self.model}/snapshots"
-        self.train_log = f"{self.model}/train-log.jsonl"
-        self.curve = f"{self.results}/fid/curve.json"
-        self.curve_table = f"{self.results}/fid/curve.csv"
-
-        # A scaling study: a FID point per (size, budget), the points as one table, the power-law fits.
-        self.scaling_dir = f"{self.results}/scaling"
-        self.scaling_points = f"{self.scaling_dir}/points.csv"
-        self._jobs = self._job_names(spec)
 
     def _job_names(self, spec) -> list[tuple[str, str]]:
         """(the rule whose resources it takes, job name) of every job of the run but the report; a job's name
@@ -104,6 +118,7 @@ class RunLayout:
         if self.reference_shards > 1:
             jobs += [("fid_reference", f"fid_reference-{i}") for i in range(self.reference_shards)]
         jobs.append(("fid_reference_merge" if self.reference_shards > 1 else "fid_reference", "fid_reference"))
+        jobs += [("reference_check", "reference_check")] if self.reference_check else []
         model = "pretrain" if spec.teacher.source == "pretrain" else "teacher"
         sizes = list(self.scaling.sizes) if self.scaling else [None]
         for size in sizes:
@@ -116,6 +131,8 @@ class RunLayout:
         else:
             jobs += [(rule, f"{rule}-{name}") for rule in ("sample", "fid") for name in SAMPLE_SETS]
             jobs.append(("fid_curve", "fid_curve"))
+            jobs += [("fid_snapshot", f"fid_snapshot-{kimg:g}") for kimg in self.claim_kimgs]
+            jobs += [("fid_budget", "fid_budget")] if self.budget_fid else []
         return jobs
 
     def jobs(self) -> list[tuple[str, str]]:
@@ -157,6 +174,10 @@ class RunLayout:
     def snapshot(self, images_seen: int) -> str:
         """The EMA snapshot after ``images_seen`` training images."""
         return f"{self.snapshots}/{snapshot_name(images_seen)}"
+
+    def snapshot_fid(self, kimg) -> str:
+        """A snapshot at a budget the paper publishes a number at, scored with the full protocol."""
+        return f"{self.results}/fid/snapshot-{kimg}.json"
 
     def checkpoint(self, name: str) -> str:
         return {"teacher": self.teacher, "tuned": self.tuned}[name]

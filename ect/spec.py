@@ -22,6 +22,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
+from ect.layout import SAMPLE_SETS
 from ect.typed import Bound, ConfigError, Mapping, When, build, json_schema, plain, setting
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -107,6 +108,9 @@ class Teacher:
     sha256: str | None = setting(None, TOFU, SHA256)
     size: int | None = setting(None, "the file's size in bytes", ge=1)
     note: str | None = setting(None, "where the checksum comes from")
+    pretraining_kimg: float | None = setting(
+        None, "a downloaded teacher's pretraining budget (thousands of images), shown beside the tuning cost; "
+              "EDM2's files name it (edm2-img64-s-1073741-...: 1,073,741 kimg)", gt=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +306,10 @@ class Fid:
                                            items=Bound(ge=1))
     reference_shards: int = setting(1, "split the dataset's reference statistics into this many jobs, merged after "
                                        "(ImageNet: 1.28M images)", ge=1, le=1024)
+    published_reference: Download | None = setting(
+        None, "the reference statistics a paper's authors published for this dataset and feature network (EDM's "
+              "fid-refs/cifar10-32x32.npz): ours are compared with them before samples are spent (a Frechet "
+              "distance below 0.01 passes)")
 
     def __post_init__(self):
         if self.feature_net.kind == "digits-classifier" and self.modes != ("clean",):
@@ -309,25 +317,48 @@ class Fid:
                               f"{list(self.modes)}")
 
 
+SET_NAMES = tuple(SAMPLE_SETS)
+TUNED_SETS = tuple(name for name, s in SAMPLE_SETS.items() if s.checkpoint == "tuned")
+STATISTICS = ("mean", "min")  # of a number's FID sets: the mean over sets, or the minimum (as EDM reports)
+TOLERANCE = 0.05  # a number within 5 % of the paper's is reproduced (and a budget may be overrun by 5 %)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A published FID, at the tuning budget it was published at, that the run is judged against."""
+
+    set: Literal[SET_NAMES] = setting(doc="which model and sampler: one of the run's sample sets")
+    fid: float = setting(doc="the published FID", gt=0)
+    source: str = setting(doc="where it is published (paper, table, README), as precisely as known")
+    kimg: float | None = setting(None, "the tuning budget it was published at (kimg): a snapshot of this run, scored "
+                                       "with the full protocol; null: the run's final model", gt=0)
+    statistic: Literal[STATISTICS] = setting("mean", "which statistic of our FID sets it is compared with: the "
+                                                     "mean over sets, or the minimum (as EDM reports)")
+    secondary: bool = setting(False, "quoted by another paper, not read in the original: the report marks it")
+
+
 @dataclass(frozen=True)
 class Budget:
-    """The compute budget a paper's claim names (the report judges it on that device only)."""
+    """A claim that a FID is reached within a compute budget, judged from the tuning snapshots on the named
+    device only: time-to-FID and the best FID within the budget."""
 
     gpu_hours: float = setting(doc="GPU-hours", gt=0)
     device: str = setting(doc="a GPU model, as torch names it (e.g. A100)", pattern=r"[A-Za-z0-9 ._-]{1,40}")
+    fid: float = setting(doc="the FID the claim says is reached within the budget", gt=0)
+    source: str = setting(doc="where the claim is published")
+    set: Literal[TUNED_SETS] = setting("ect-2step", "which sampler the claim is about")
+    statistic: Literal[STATISTICS] = setting("mean", "which statistic of the full-protocol sets is compared")
 
 
 @dataclass(frozen=True)
 class Paper:
-    """The paper's numbers for this preset."""
+    """The paper's numbers for this preset (the toy accepts them too, to exercise the verdicts)."""
 
-    source: str = setting(doc="where the numbers come from")
-    fid_1step: float | None = setting(None, "ECT's 1-step FID", gt=0)
-    fid_2step: float | None = setting(None, "ECT's 2-step FID", gt=0)
-    fid_teacher_heun: float | None = setting(None, "the teacher's own published FID with its sampler", gt=0)
+    source: str = setting(doc="where the numbers come from, in general")
+    claims: tuple[Claim, ...] = setting((), "every published number this run is judged against")
+    budget: Budget | None = setting(None, "the compute budget a claim names")
     protocol: str | None = setting(None, "how the paper computes its numbers (sets, samples, when)")
     statement: str | None = setting(None, "the paper's claim in its words (a scaling study's report shows it)")
-    budget: Budget | None = setting(None, "the compute budget the claim names")
 
 
 @dataclass(frozen=True)
@@ -380,8 +411,8 @@ class Scaling:
 
 # Every rule of the workflow that takes resources (a test keeps this equal to workflow/rules/).
 RULES = ("fetch_dataset", "dataset", "fetch_teacher", "teacher", "fetch_feature_net", "feature_net", "fid_reference",
-         "fid_reference_merge", "pretrain", "tune", "sample", "fid", "fid_curve", "scaling_point", "scaling_points",
-         "scaling_fit", "report")
+         "fid_reference_merge", "pretrain", "tune", "sample", "fid", "fid_curve", "fid_snapshot", "fid_budget",
+         "fetch_published_reference", "reference_check", "scaling_point", "scaling_points", "scaling_fit", "report")
 
 
 @dataclass(frozen=True)
@@ -466,10 +497,40 @@ def run_problems(spec: RunSpec):
     if max(spec.fid.curve_steps) - 1 > len(spec.sample.t_mid):
         yield (f"fid.curve_steps asks for {max(spec.fid.curve_steps)} steps but sample.t_mid has "
                f"{len(spec.sample.t_mid)} intermediate times")
+    yield from _claim_problems(spec)
     snapshot_every = spec.tune.every_iters(spec.tune.snapshot_kimg)
     if not spec.scaling and not 0 < snapshot_every <= spec.tune.total_iters:
         yield (f"tune.snapshot_kimg: {spec.tune.snapshot_kimg} gives no snapshot within tune.kimg {spec.tune.kimg} "
                "(the FID curve scores the snapshots)")
+
+
+def is_snapshot(tune: Tune, kimg: float) -> bool:
+    """Whether the tuning run writes an EMA snapshot after ``kimg`` thousand images."""
+    every, iterations = tune.every_iters(tune.snapshot_kimg), kimg * 1000 / tune.batch
+    return (kimg <= tune.kimg and every > 0 and abs(iterations - round(iterations)) < 1e-9
+            and round(iterations) % every == 0)
+
+
+def _claim_problems(spec: RunSpec):
+    """Every published number must be one this run can score: its set's steps among fid.curve_steps, its
+    budget a snapshot of the run (and only for the tuned model)."""
+    paper = spec.report.paper
+    if paper is None:
+        return
+    for i, claim in enumerate(paper.claims):
+        where = f"report.paper.claims.{i}"
+        if claim.kimg is not None and claim.set not in TUNED_SETS:
+            yield f"{where}.kimg: {claim.set} is not tuned: its number has no tuning budget (leave kimg out)"
+        elif claim.kimg is not None and claim.kimg != spec.tune.kimg:
+            if spec.scaling:
+                yield f"{where}.kimg: a scaling study's numbers are its points; give claims of the final model only"
+            elif not is_snapshot(spec.tune, claim.kimg):
+                yield (f"{where}.kimg: {claim.kimg:g} is not a snapshot of the tuning run (tune.kimg {spec.tune.kimg:g}, "
+                       f"a snapshot every tune.snapshot_kimg = {spec.tune.snapshot_kimg:g} kimg)")
+            elif SAMPLE_SETS[claim.set].steps not in spec.fid.curve_steps:
+                yield f"{where}.set: {claim.set} is not among the steps a snapshot is scored at (fid.curve_steps)"
+    if paper.budget and SAMPLE_SETS[paper.budget.set].steps not in spec.fid.curve_steps:
+        yield f"report.paper.budget.set: {paper.budget.set} is not among the steps of the FID curve (fid.curve_steps)"
 
 
 def _batch_problems(spec: RunSpec, section: str):
@@ -508,10 +569,8 @@ def _scaling_problems(spec: RunSpec):
         return
     if len(scaling.budgets_kimg) < 3:
         yield f"scaling.budgets_kimg has {len(scaling.budgets_kimg)} points; a power law per size needs at least 3"
-    every = tune.every_iters(tune.snapshot_kimg)
     for kimg in scaling.budgets_kimg:
-        iterations = kimg * 1000 / tune.batch
-        if kimg > tune.kimg or not every or abs(iterations - round(iterations)) > 1e-9 or round(iterations) % every:
+        if not is_snapshot(tune, kimg):
             yield (f"scaling.budgets_kimg: {kimg} is not a snapshot of the tuning run (tune.kimg {tune.kimg}, "
                    f"a snapshot every tune.snapshot_kimg = {tune.snapshot_kimg} kimg)")
     downloaded = spec.teacher.source != "pretrain"
@@ -618,6 +677,11 @@ STEP_READS = {
     "fid_curve": ("fid", "sample.t_mid", "sample.class_labels", "sample.batch"),
     "scaling_point": ("scaling.samples", "scaling.sets", "sample.t_mid", "sample.class_labels", "sample.batch",
                       "fid.curve_steps", "fid.modes", "fid.feature_net"),
+    "fid_snapshot": ("sample.sets", "sample.samples_per_set", "sample.t_mid", "sample.class_labels", "sample.batch",
+                     "fid.curve_steps", "fid.modes", "fid.feature_net"),
+    "fid_budget": ("report.paper.budget", "sample.sets", "sample.samples_per_set", "sample.t_mid",
+                   "sample.class_labels", "sample.batch", "fid.curve_steps", "fid.curve_samples", "fid.modes",
+                   "fid.feature_net"),
     "report": ("",),
 }
 

@@ -346,6 +346,29 @@ def inception_like_bytes(seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def published_stats_like(tarball: bytes, inception: bytes, work) -> tuple[bytes, bytes]:
+    """Stand-ins for EDM's published CIFAR-10 statistics (an .npz of mu and sigma): ours of the same images with the
+    same Inception-like file (a check against them passes), and the same with mu shifted (it fails)."""
+    from ect.data import prepare_dataset, save_dataset
+    from ect.fid import load_stats, reference_statistics
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "cifar.tar.gz").write_bytes(tarball)
+    (work / "inception-2015-12-05.pt").write_bytes(inception)
+    images, labels = prepare_dataset("cifar10", 32, work / "cifar.tar.gz", progress=False)
+    save_dataset(work / "dataset.npz", images, labels)
+    reference_statistics(work / "dataset.npz", work / "inception-2015-12-05.pt", "inception", None,
+                         ["legacy_tensorflow"], 250, "cpu", work / "ours.npz")  # as the fid_reference rule
+    mu, sigma = load_stats(work / "ours.npz")[0]["legacy_tensorflow"]
+    blobs = []
+    for shift in (0.0, 1.0):
+        buf = io.BytesIO()
+        np.savez(buf, mu=mu + shift, sigma=sigma)
+        blobs.append(buf.getvalue())
+    return blobs[0], blobs[1]
+
+
 # ---- A loopback HTTP server (127.0.0.1) serving files the tests make, with faults on demand.
 # `/<name>` serves files[name] honouring Range; `/truncate/<name>` always closes the connection halfway;
 # `/flaky/<name>` closes halfway on the first request only; `/stall/<name>` sends half, then stops

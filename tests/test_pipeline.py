@@ -139,6 +139,52 @@ def test_the_report_opens_only_the_files_it_declares(toy_run, tmp_path):
     assert read and read <= declared, read - declared
 
 
+def report_with_paper(repo, tmp_path, paper: dict) -> list[dict]:
+    """The toy's report with paper numbers given by an overlay: the verdicts of claims.json."""
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump({"report": {"paper": {"source": "a test overlay", **paper}}}))
+    run(["snakemake", "--configfile", "config/config.yaml", str(path)], repo)
+    return json.loads((repo / TOY.claims).read_text())
+
+
+def test_paper_numbers_given_by_an_overlay_are_reproduced_short_or_inconsistent_where_they_belong(toy_run, tmp_path):
+    repo, _, _ = toy_run
+    ours = fid(repo, "ect-2step")
+    for factor, state in ((1.02, "reproduced"), (0.5, "short"), (1.5, "inconsistent")):
+        paper = round(ours["fid_mean"] * factor, 3)
+        claims = report_with_paper(repo, tmp_path, {"claims": [{"set": "ect-2step", "fid": paper, "source": "src"}]})
+        assert [(c["verdict"], c["paper"]) for c in claims] == [(state, paper)], claims
+        assert claims[0]["ours"] == pytest.approx(ours["fid_mean"]) and claims[0]["statistic"] == "mean over sets"
+        assert claims[0]["spread"] == [min(ours["fid_sets"]), max(ours["fid_sets"])]
+        page = (repo / TOY.report).read_text()
+        assert f'<span class="{state}">{state}</span>' in page and "not comparable" not in page
+    minimum = report_with_paper(repo, tmp_path, {"claims": [{"set": "teacher-heun", "statistic": "min", "source": "s",
+                                                             "fid": round(fid(repo, "teacher-heun")["fid_min"], 3)}]})
+    assert minimum[0]["verdict"] == "reproduced" and minimum[0]["statistic"].startswith("minimum")
+
+
+def test_a_number_at_an_earlier_budget_and_a_compute_budget_are_judged_from_the_snapshots(toy_run, tmp_path):
+    """A number published at 8 kimg is that snapshot's, scored with the full protocol; a compute-budget claim with
+    a stand-in budget: reached inside it, not within it, and on another device."""
+    repo, _, _ = toy_run
+    curve = {p["kimg"]: p for p in json.loads((repo / TOY.curve).read_text())["points"]}
+    at8 = report_with_paper(repo, tmp_path, {"claims": [{"set": "ect-1step", "fid": 100.0, "kimg": 8, "source": "s"}]})
+    scored = json.loads((repo / TOY.snapshot_fid("8")).read_text())
+    assert len(scored["fid_1step"]) == 3 and scored["snapshot"] == "kimg000008.000.pt"
+    assert at8[0]["ours"] == pytest.approx(sum(scored["fid_1step"]) / 3) and at8[0]["verdict"] == "short"
+    last = curve[12.0]  # the crossing: the curve's FID at 12 kimg, within the hours it took
+    inside = {"fid": round(last["fid_2step"], 3), "gpu_hours": last["device_hours"] * 1.01, "device": "CPU",
+              "source": "a stand-in budget"}
+    for budget, state in ((inside, "reproduced"), ({**inside, "gpu_hours": curve[4.0]["device_hours"] / 10}, "short"),
+                          ({**inside, "device": "A100"}, "unjudged")):
+        claims = report_with_paper(repo, tmp_path, {"budget": budget})
+        judged = json.loads((repo / TOY.budget_fid).read_text())
+        assert claims[-1]["verdict"] == judged["verdict"] == state, judged
+        assert [p["fid_sets"] is not None for p in judged["points"]].count(True) >= 1  # scored on 3 sets
+        assert judged["measured_device"].startswith("CPU")
+    assert "Time to FID" in (repo / TOY.report).read_text()
+
+
 def test_report_screenshot_in_headless_chromium_is_not_blank(toy_run, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -305,13 +351,14 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     config/cifar10.yaml runs to the report without a network. Switching to config/cifar10-1hour.yaml reuses
     every shared file under resources/. DVC then records the run, reproduces a shared stage identically and runs
     the other preset."""
-    from ect.config import merge
+    from ect.config import merge, read_config
     from ect.networks import build_network
     from tests.helpers import (
         LoopbackServer,
         cifar_tarball,
         edm_snapshot_bytes,
         inception_like_bytes,
+        published_stats_like,
         randomized,
         small_unet_kwargs,
     )
@@ -321,8 +368,10 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     unet = small_unet_kwargs(attn_resolutions=[16])
     teacher = edm_snapshot_bytes(randomized(build_network({"kind": "edm", "img_resolution": 32, **unet})), unet)
     inception = inception_like_bytes()
+    # EDM's published statistics, as a stand-in: ours of the same images (the check passes), and shifted (it fails)
+    published, shifted = published_stats_like(tarball, inception, tmp_path / "stats")
     files = {"cifar-10-python.tar.gz": tarball, "edm-cifar10-32x32-uncond-vp.pkl": teacher,
-             "inception-2015-12-05.pt": inception}
+             "inception-2015-12-05.pt": inception, "cifar10-32x32.npz": published, "shifted.npz": shifted}
     md5 = lambda b: hashlib.md5(b).hexdigest()
     dvcfile = "pipelines/cifar10/dvc.yaml"
     with LoopbackServer(files) as server:
@@ -333,12 +382,17 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
             "tune": {"kimg": 0.064, "batch": 8, "tick_kimg": 0.016, "snapshot_kimg": 0.032, "state_kimg": 0.016},
             "sample": {"samples_per_set": 8, "heun_steps": 2, "batch": 8},
             # no sha256 for Inception, as in the presets: trusted on first use, recorded in downloads.lock
-            "fid": {"feature_net": {"url": f"{server.url}/inception-2015-12-05.pt"}, "curve_samples": 8},
+            "fid": {"feature_net": {"url": f"{server.url}/inception-2015-12-05.pt"}, "curve_samples": 8,
+                    "published_reference": {"url": f"{server.url}/cifar10-32x32.npz"}},
             "resources": {"default": {"threads": 2}, "tune": {"threads": 2}},
         }
         # every CIFAR-10 preset (they share the downloads); the 1-hour one never advances its stage; the scaling
         # study's budget points are the shrunk run's snapshots
-        stages_per_preset = {"cifar10": {"tune": {"loss": {"double": 2}}}, "cifar10-1hour": {},
+        at_32 = [{"set": "ect-2step", "fid": 2.2, "kimg": 0.032, "source": "s"},
+                 {"set": "ect-2step", "fid": 2.15, "source": "s"}, {"set": "teacher-heun", "fid": 1.97, "source": "s"}]
+        stages_per_preset = {"cifar10": {"tune": {"loss": {"double": 2}}, "report": {"paper": {"claims": at_32}}},
+                             "cifar10-400k": {"tune": {"loss": {"double": 2}}, "report": {"paper": {"claims": at_32}}},
+                             "cifar10-1hour": {"fid": {"published_reference": {"url": f"{server.url}/shifted.npz"}}},
                              "cifar10-scaling": {"tune": {"loss": {"double": 2}, "snapshot_kimg": 0.016},
                                                  "scaling": {"budgets_kimg": [0.032, 0.048, 0.064], "samples": 8}}}
         for preset, stages in stages_per_preset.items():
@@ -346,20 +400,23 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
             path.write_text(yaml.safe_dump(merge(merge(yaml.safe_load(path.read_text()), overlay), stages), sort_keys=False))
         # the other presets that fetch the same Inception file (ImageNet) must fetch it the same way
         for path in sorted((repo / "config").glob("*.yaml")):
-            cfg = yaml.safe_load(path.read_text())
-            if path.stem not in stages_per_preset and cfg["fid"]["feature_net"]["kind"] == "inception":
-                path.write_text(yaml.safe_dump(merge(cfg, {"fid": overlay["fid"]}), sort_keys=False))
+            if path.stem not in stages_per_preset and read_config(path)["fid"]["feature_net"]["kind"] == "inception":
+                fid_net = {"fid": {"feature_net": overlay["fid"]["feature_net"]}}
+                path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), fid_net), sort_keys=False))
         # the DVC files follow the presets: their URLs and checksums are in the commands
         run([sys.executable, "workflow/generate_dvc.py"], repo)
         run(["snakemake", "prefetch", "--configfile", "config/cifar10.yaml"], repo)
+        run(["snakemake", "prefetch", "--configfile", "config/cifar10-1hour.yaml"], repo)  # its own statistics
         assert server.requests and {p for p, _ in server.requests} == {f"/{n}" for n in files}
     for name, blob in [("downloads/cifar-10-python.tar.gz", tarball), ("teachers/edm-cifar10-32x32-uncond-vp.pkl", teacher),
                        ("fid/inception-2015-12-05.pt", inception)]:
         assert (repo / "resources" / name).read_bytes() == blob
     recorded = yaml.safe_load((repo / "downloads.lock").read_text())
-    assert recorded == {f"{server.url}/inception-2015-12-05.pt": {
+    assert recorded[f"{server.url}/inception-2015-12-05.pt"] == {
         "sha256": hashlib.sha256(inception).hexdigest(), "size": len(inception), "recorded": recorded[
-            f"{server.url}/inception-2015-12-05.pt"]["recorded"]}}
+            f"{server.url}/inception-2015-12-05.pt"]["recorded"]}
+    assert set(recorded) == {f"{server.url}/{name}" for name in ("inception-2015-12-05.pt", "cifar10-32x32.npz",
+                                                                 "shifted.npz")}
     run(["snakemake", "--configfile", "config/cifar10.yaml"], repo, timeout=900)  # the server is gone: no network
     res = repo / "results" / "cifar10"
     r = json.loads((res / "fid" / "ect-2step.json").read_text())
@@ -368,16 +425,23 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     assert r["feature_net_sha256"] == hashlib.sha256(inception).hexdigest() and r["nfe"] == 2
     assert r["reference"]["images"] == 40
     page = (repo / "reports" / "cifar10" / "index.html").read_text()
-    assert "3.86" in page and "2.15" in page and "not comparable" not in page  # the paper's numbers, side by side
+    assert "2.15" in page and "not comparable" not in page  # the paper's numbers, side by side
     assert "legacy_tensorflow" in page and hashlib.sha256(teacher).hexdigest() in page
-    assert "pinned in the preset" in page and "recorded on first use" in page  # how each download was checked
-    assert "The paper's claims" in page and "against the paper" in page  # a verdict per paper number
+    assert "pinned" in page and "recorded on first use" in page  # how each download was checked
+    claims = json.loads((res / "claims.json").read_text())  # a verdict per paper number, at its budget
+    assert [c["paper"] for c in claims] == [2.2, 2.15, 1.97] and all(c["verdict"] in ("short", "inconsistent",
+                                                                                        "reproduced") for c in claims)
+    assert len(json.loads((res / "fid" / "snapshot-0.032.json").read_text())["fid_2step"]) == 3
+    check = json.loads((res / "fid" / "reference-check.json").read_text())
+    assert check["pass"] and check["frechet_distance"] < 1e-6, check  # our statistics are the published ones
+    assert "Reference statistics\nchecked" in page
     assert "Nothing to be done" in run(["snakemake", "--configfile", "config/cifar10.yaml", "-n"], repo).stdout
 
     # the other preset reuses the downloads, the dataset and the reference statistics as they are
     planned = run(["snakemake", "--configfile", "config/cifar10-1hour.yaml", "-n"], repo).stdout
     rules = set(re.findall(r"^rule (\w+):", planned, re.M)) | set(re.findall(r"^localrule (\w+):", planned, re.M))
-    assert rules == {"teacher", "tune", "sample", "fid", "fid_curve", "report", "all"}, planned[-3000:]
+    assert rules == {"teacher", "tune", "sample", "fid", "fid_curve", "fid_budget", "reference_check", "report",
+                     "all"}, planned[-3000:]
 
     # DVC: the Snakemake runs recorded themselves, so nothing to do; the shared files are in dvc.lock
     target = f"{dvcfile}:report"
@@ -396,9 +460,11 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     ran = re.findall(r"Running stage '([^']+)'", out)
     assert all(name.startswith("pipelines/cifar10-1hour/dvc.yaml:") for name in ran), ran
     assert {name.split(":")[1].split("-")[0] for name in ran} == {"teacher", "tune", "sample", "fid", "fid_curve",
-                                                                  "report"}
+                                                                  "fid_budget", "reference_check", "report"}
     hour = (repo / "reports" / "cifar10-1hour" / "index.html").read_text()
     assert "2.73" in hour and "within 1 A100 GPU-hour(s)" in hour and "not on an A100" in hour  # judged on A100s only
+    assert json.loads((repo / "results/cifar10-1hour/claims.json").read_text())[-1]["verdict"] == "unjudged"
+    assert "do not match the published ones" in hour and "resources/fid/shifted.npz" in hour  # the warning box
 
 
 def test_tune_runs_one_process_per_requested_gpu_under_torchrun(tmp_path):

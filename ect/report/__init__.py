@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import posixpath
+import re
 import shutil
 import subprocess
 from datetime import datetime, timezone
@@ -20,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from ect.checkpoint import read_checkpoint
-from ect.fileio import remove_stale_temporaries, sha256_file
+from ect.claims import claim_record, spread
+from ect.fileio import remove_stale_temporaries, sha256_file, write_json_atomic
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.report import plots
 from ect.scaling import read_points
@@ -81,10 +84,8 @@ def collect(spec, config_files: list[str]) -> dict:
     rows = []
     for name, sample_set in SAMPLE_SETS.items():
         r = _json(Path(layout.fid(name)))
-        paper_value = getattr(paper, sample_set.paper_key) if paper and sample_set.paper_key else None
         rows.append({"set": name, "label": sample_set.label, "nfe": r["nfe"], "fid_min": r["fid_min"],
-                     "fid_mean": r["fid_mean"], "fid_sets": r["fid_sets"], "paper": paper_value,
-                     "verdict": verdict(r["fid_min"], paper_value) if paper_value is not None else None,
+                     "fid_mean": r["fid_mean"], "fid_sets": r["fid_sets"],
                      "other_modes": {m: v["fid_min"] for m, v in r.get("modes", {}).items() if m != r["mode"]}})
     any_fid = _json(Path(layout.fid(next(iter(SAMPLE_SETS)))))
     curve = _json(Path(layout.curve))
@@ -96,8 +97,11 @@ def collect(spec, config_files: list[str]) -> dict:
             "flops": tuned_meta.get("flops"), "kimg": tuned_meta.get("kimg")}
     return {
         **page_header(spec),
-        "claims": claims(rows, paper, cost),
+        "claims": paper_claims(spec, layout),
+        "budget": _json(Path(layout.budget_fid)) if layout.budget_fid else None,
+        "reference_check": _json(Path(layout.reference_check)) if layout.reference_check else None,
         "cost": cost,
+        "cost_context": cost_context(spec, tuned_meta),
         "paper": paper,
         "fid_rows": rows,
         "protocol": {
@@ -188,44 +192,76 @@ def collect_scaling(spec, config_files: list[str]) -> dict:
         meta = read_checkpoint(RunLayout(spec, size).teacher)["meta"]
         teachers.append({"size": size, "arch": arch or "the teacher's", "flops": meta.get("flops")})
     statement = spec.report.paper.statement if spec.report.paper else None
-    return {**page_header(spec), "steps": steps, "fits": fits, "frontier": [f for f in fits if f["frontier"]],
+    return {**page_header(spec), "claims": [], "steps": steps, "fits": fits,
+            "frontier": [f for f in fits if f["frontier"]],
             "points": sorted(points, key=lambda p: (list(spec.scaling.sizes).index(p["size"]), p["kimg"])),
             "teachers": teachers, "sets": spec.scaling.sets, "samples": spec.scaling.samples,
             "statement": statement or "(no statement in the preset)",
             "provenance": provenance(spec, config_files, layout, [])}
 
 
-def verdict(ours: float, paper: float) -> dict:
-    """How a FID of ours compares with the paper's: within 5 % is reproduced; lower is better."""
-    rel = (ours - paper) / paper
-    if abs(rel) <= 0.05:
-        text, kind = f"reproduced ({rel:+.1%})", "held"
-    elif rel < 0:
-        text, kind = f"better ({-rel:.0%} lower)", "held"
+FLOP_CONVENTION = ("2 FLOPs a multiply-add, counted by torch's FLOP counter on matrix products and convolutions: "
+                   "ECT's student forward and backward and its target forward pass")
+PRETRAINED_IN_NAME = re.compile(r"^edm2-img\d+-[a-z]+-(\d{7})-[\d.]+\.pkl$")  # EDM2's files name their length
+
+
+def cost_context(spec, tuned_meta: dict) -> dict:
+    """How tuning compares with the teacher's own training: images seen (the teacher's from the preset, from an
+    EDM2 file's name, or from pretraining here), and the FLOP convention of every FLOP count."""
+    tuning = tuned_meta.get("kimg")
+    if spec.teacher.source == "pretrain":
+        pretraining, how = spec.pretrain.kimg, "trained here (pretrain.kimg)"
+    elif spec.teacher.pretraining_kimg:
+        pretraining, how = spec.teacher.pretraining_kimg, "the preset (teacher.pretraining_kimg)"
     else:
-        text, kind = f"short by {rel:.0%}", "missed"
-    return {"relative": rel, "text": text, "kind": kind}
+        match = PRETRAINED_IN_NAME.match(posixpath.basename(spec.teacher.url))
+        pretraining, how = (float(match.group(1)), "the file's name") if match else (None, "not known")
+    ratio = tuning / pretraining if tuning and pretraining else None
+    return {"flops": FLOP_CONVENTION, "tuning_kimg": tuning, "pretraining_kimg": pretraining,
+            "pretraining_from": how, "ratio": ratio}
 
 
-def claims(rows: list[dict], paper: dict | None, cost: dict) -> list[dict]:
-    """The report's top line: each paper number with its verdict, and the compute budget a claim names."""
-    if not paper:
+def paper_claims(spec, layout: RunLayout) -> list[dict]:
+    """Every published number with the statistic, spread and verdict it is judged by (claims.json): numbers of
+    the final model from its FID sets, numbers at an earlier budget from that snapshot's full-protocol sets, a
+    compute-budget claim from the budget judgement (ect/claims.py)."""
+    paper = spec.report.paper
+    if paper is None or spec.scaling:
         return []
-    out = [{"claim": f"{row['label']}: FID {row['paper']}", "ours": f"{row['fid_min']:.2f}", **row["verdict"]}
-           for row in rows if row["verdict"]]
-    budget = paper.budget
-    if budget:
-        device = (cost.get("device") or {}).get("name", "an unknown device")
-        hours = cost.get("device_hours")
-        ours = "not measured" if hours is None else f"{hours:.2f} device-hours on {device}"
-        if hours is None or budget.device not in device:
-            kind, text = "unjudged", f"measured on {device}, not on an {budget.device}: not comparable"
+    records = []
+    for claim in paper.claims:
+        label = SAMPLE_SETS[claim.set].label
+        if claim.kimg is None or claim.kimg == spec.tune.kimg:
+            fids, at = _json(Path(layout.fid(claim.set)))["fid_sets"], f"{spec.tune.kimg:g} kimg (the final model)"
         else:
-            held = hours <= budget.gpu_hours * 1.05
-            kind, text = ("held", "within the budget") if held else ("missed", f"{hours / budget.gpu_hours:.1f}x the budget")
-        out.append({"claim": f"within {budget.gpu_hours:g} {budget.device} GPU-hour(s)", "ours": ours,
-                    "text": text, "kind": kind})
-    return out
+            point = _json(Path(layout.snapshot_fid(f"{claim.kimg:g}")))
+            fids, at = point[f"fid_{SAMPLE_SETS[claim.set].steps}step"], f"{claim.kimg:g} kimg (a snapshot)"
+        records.append(claim_record(f"{label}, FID {claim.fid:g} at {at}", claim.fid, _fids(fids, layout), claim.statistic,
+                                    claim.source, claim.secondary, set=claim.set,
+                                    kimg=claim.kimg or spec.tune.kimg))
+    if paper.budget:
+        records.append(budget_record(spec, _json(Path(layout.budget_fid))))
+    return records
+
+
+def _fids(values, layout: RunLayout) -> list[float]:
+    if not (isinstance(values, list) and values and all(isinstance(v, (int, float)) for v in values)):
+        raise ReportError(f"a FID result of run {layout.run} has no FID sets: rerun its scoring step")
+    return [float(v) for v in values]
+
+
+def budget_record(spec, judged: dict) -> dict:
+    """The compute-budget claim as an entry of claims.json, from `ect fid-budget`'s judgement."""
+    budget = spec.report.paper.budget
+    best = judged.get("best_within_budget") or {}
+    sets = best.get("fid_sets") or ([best["fid"]] if "fid" in best else [])
+    return {"claim": f"{SAMPLE_SETS[budget.set].label}, FID {budget.fid:g} within {budget.gpu_hours:g} "
+                     f"{budget.device} GPU-hour(s)",
+            "paper": budget.fid, "ours": best.get("fid"), "statistic": judged["statistic"],
+            "spread": spread(sets) if sets else None, "verdict": judged["verdict"], "text": judged["text"],
+            "source": budget.source, "secondary": False, "set": budget.set,
+            "time_to_fid_hours": judged.get("time_to_fid_hours"), "measured_device": judged.get("measured_device"),
+            "best_device_hours": best.get("device_hours")}
 
 
 MARKER = ".ect-report"  # in every directory the report writes: the only kind it may replace
@@ -240,10 +276,9 @@ def _check_replaceable(out_dir: Path) -> None:
                           "to replace it; give the report a directory of its own, e.g. reports/<run>")
 
 
-def build_report(spec, config_files: list[str], out_dir) -> Path:
-    """Render the report into ``out_dir`` (its page is ``index.html``), replacing the directory as a whole."""
-    from jinja2 import Environment, PackageLoader, StrictUndefined
-
+def build_report(spec, config_files: list[str], out_dir, claims_out=None) -> Path:
+    """Render the report into ``out_dir`` (its page is ``index.html``), replacing the directory as a whole, and
+    write every verdict to ``claims_out`` (claims.json, a DVC metric)."""
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     layout = RunLayout(spec)
@@ -254,29 +289,13 @@ def build_report(spec, config_files: list[str], out_dir) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()  # permissions from the umask, like every output
     try:
-        env = Environment(loader=PackageLoader("ect.report", "templates"), autoescape=True, undefined=StrictUndefined)
-        if layout.scaling:
-            plots.scaling(ctx["points"], ctx["fits"], tmp / "scaling.png")
-            html = env.get_template("scaling.html.j2").render(**ctx, figure="scaling.png")
-        else:
-            grids = {}
-            for name in SAMPLE_SETS:
-                src = Path(layout.grid(name))
-                if not src.exists():
-                    raise ReportError(f"missing sample grid {src}")
-                shutil.copyfile(src, tmp / f"samples-{name}.png")
-                grids[name] = f"samples-{name}.png"
-            plots.training_curves({"pretrain": _jsonl(Path(layout.pretrain_log)),
-                                   "tune": _jsonl(Path(layout.train_log))}, tmp / "training.png")
-            plots.fid_curve(ctx["curve_points"], (ctx["cost"]["device"] or {}).get("type"), tmp / "fid-curve.png")
-            html = env.get_template("report.html.j2").render(
-                **ctx, grids=grids, set_labels={name: s.label for name, s in SAMPLE_SETS.items()},
-                figures={"training": "training.png", "fid_curve": "fid-curve.png"})
-        (tmp / PAGE).write_text(html)
+        render(ctx, layout, tmp)
         (tmp / MARKER).write_text("written by 'ect report': this directory is replaced as a whole on every run\n")
         for path in tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        if claims_out is not None:
+            write_json_atomic(claims_out, ctx["claims"])
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-old")
@@ -288,3 +307,27 @@ def build_report(spec, config_files: list[str], out_dir) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / PAGE
+
+
+def render(ctx: dict, layout: RunLayout, out: Path) -> None:
+    """The page and its images into ``out``: a scaling study's, or a run's."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("ect.report", "templates"), autoescape=True, undefined=StrictUndefined)
+    if layout.scaling:
+        plots.scaling(ctx["points"], ctx["fits"], out / "scaling.png")
+        (out / PAGE).write_text(env.get_template("scaling.html.j2").render(**ctx, figure="scaling.png"))
+        return
+    grids = {}
+    for name in SAMPLE_SETS:
+        src = Path(layout.grid(name))
+        if not src.exists():
+            raise ReportError(f"missing sample grid {src}")
+        shutil.copyfile(src, out / f"samples-{name}.png")
+        grids[name] = f"samples-{name}.png"
+    plots.training_curves({"pretrain": _jsonl(Path(layout.pretrain_log)), "tune": _jsonl(Path(layout.train_log))},
+                          out / "training.png")
+    plots.fid_curve(ctx["curve_points"], (ctx["cost"]["device"] or {}).get("type"), out / "fid-curve.png")
+    (out / PAGE).write_text(env.get_template("report.html.j2").render(
+        **ctx, grids=grids, set_labels={name: s.label for name, s in SAMPLE_SETS.items()},
+        figures={"training": "training.png", "fid_curve": "fid-curve.png"}))

@@ -3,7 +3,8 @@ rule report:
     input:
         unpack(report_inputs),
     output:
-        directory(L.report_dir),
+        report=directory(L.report_dir),
+        claims=L.claims,
     log:
         L.log("report"),
     benchmark:
@@ -17,4 +18,4 @@ rule report:
         config=CONFIG_FILES,
         settings=settings("report"),
     shell:
-        "exec ect report --config {params.config:q} --out {output:q} > {log:q} 2>&1"
+        "exec ect report --config {params.config:q} --out {output.report:q} --claims {output.claims:q} > {log:q} 2>&1"
