@@ -10,11 +10,12 @@ import io
 
 import torch
 
+from ect.errors import BadInput
 from ect.fileio import write_bytes_atomic
 from ect.networks import ArchError, Precond, build_network, parameter_shapes
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     pass
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import pickle
 import signal
 import sys
 from collections.abc import Callable
@@ -322,13 +321,14 @@ def run_scaling_points(args) -> int:
 
     from ect.fid import scaling_table
     from ect.fileio import write_text_atomic
+    from ect.scaling import ScalingError
 
     points = []
     for path in args.points:
         try:
             points.append(json.loads(open(path).read()))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read scaling point {path}: {exc}") from exc
+            raise ScalingError(f"cannot read scaling point {path}: {exc}") from exc
     write_text_atomic(args.out, scaling_table(points))
     say(f"wrote {len(points)} points to {args.out}")
     return 0
@@ -683,34 +683,43 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, pickle.UnpicklingError, MemoryError, RecursionError)
-
-
 def main(argv=None) -> int:
+    """Run a step. Bad input (a BadInput, or an OSError naming its file): one line, exit 2. CUDA out of memory:
+    one line naming batch_gpu, exit 1. Anything else is a bug: its traceback, exit 1."""
+    from ect.errors import BadInput
+
     args = build_parser().parse_args(argv)
     if argv is None:  # the `ect` program itself, not a call from Python
         die_with_parent()
     try:
         return args.func(args)
-    except EXPECTED_ERRORS as exc:
+    except (BadInput, OSError) as exc:
         say(f"error: {describe(exc)}")
         return 2
+    except MemoryError as exc:
+        say(f"error: out of memory{': ' + describe(exc) if str(exc) else ''}")
+        return 1
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("torch"):
+            say("error: CUDA out of memory: lower the per-GPU micro-batch (tune.batch_gpu, or sample.batch for "
+                "sampling and scoring); gradients accumulate, so the results do not change")
+            return 1
+        raise
 
 
 def describe(exc: BaseException) -> str:
-    """One line: the message of an expected error (an OSError names its file)."""
-    if isinstance(exc, MemoryError):
-        return "out of memory" + (f": {exc}" if str(exc) else "")
-    if isinstance(exc, RecursionError):
-        return "input nested too deeply"
+    """One line, with no terminal control characters: the message of an expected error (an OSError names its
+    file)."""
+    from ect.errors import printable
+
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
-        return f"{exc.filename}: {exc.strerror}"
+        return printable(f"{exc.filename}: {exc.strerror}")
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return " ".join(str(exc).split()) or type(exc).__name__
+        return printable(exc.strerror)
+    return printable(str(exc).strip() or type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ect.checkpoint import nonfinite_weight
+from ect.errors import BadInput
 
 HEAD_DIM = 64  # every DINOv2 ViT (S, B, L, g) uses 64-wide heads; the file does not store the head count
 LAYER_NORM_EPS = 1e-6
@@ -51,7 +52,7 @@ MAX_MLP_RATIO = 8
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 
-class DINOv2Error(ValueError):
+class DINOv2Error(BadInput):
     pass
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from ect.errors import BadInput
 from ect.fileio import ChecksumError, OutputError, check_checksum_format, fsync_dir, make_parent, write_text_atomic
 
 CHUNK = 1 << 20
@@ -40,14 +41,14 @@ MAX_BYTES = 8 << 30  # no download of this project is larger (the biggest EDM2 t
 RECORD_FILE = "downloads.lock"  # the record of first-use checksums, at the repository root
 
 
-class DownloadError(RuntimeError):
+class DownloadError(BadInput):
     pass
 
 
 def check_url(url: str) -> str:
     parts = urllib.parse.urlsplit(str(url))
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"only http(s) URLs are downloaded, not {str(url)[:200]!r}")
+        raise DownloadError(f"only http(s) URLs are downloaded, not {str(url)[:200]!r}")
     return url
 
 
@@ -117,7 +118,7 @@ def download(url: str, dst, md5: str | None = None, sha256: str | None = None, t
     md5 = check_checksum_format("md5", md5) if md5 is not None else None
     sha256 = check_checksum_format("sha256", sha256) if sha256 is not None else None
     if not (md5 or sha256 or allow_unverified):
-        raise ValueError(f"refusing to download {url} without a checksum to verify it against. Pin its sha256 in "
+        raise DownloadError(f"refusing to download {url} without a checksum to verify it against. Pin its sha256 in "
                          "the config, or trust this one download by hand ('ect fetch URL --out FILE --unverified'), "
                          "check the sha256 it prints against a source you trust, and pin that")
     if size is not None:
@@ -179,15 +180,15 @@ class ChecksumRecord:
         try:
             data = yaml.safe_load(self.path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"cannot read the checksum record {self.path}: {exc}") from exc
+            raise DownloadError(f"cannot read the checksum record {self.path}: {exc}") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"the checksum record {self.path} is not a mapping of URLs")
+            raise DownloadError(f"the checksum record {self.path} is not a mapping of URLs")
         return data
 
     def get(self, url: str) -> dict | None:
         entry = self.entries().get(url)
         if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)):
-            raise ValueError(f"the checksum record {self.path} has a malformed entry for {url}")
+            raise DownloadError(f"the checksum record {self.path} has a malformed entry for {url}")
         return entry
 
     def add(self, url: str, sha256: str, size: int) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ect.errors import BadInput
 from ect.fileio import write_bytes_atomic
 
 META_FILE = "meta.json"
@@ -46,7 +47,7 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray, out_path, seed: in
                       batch: int = 64, lr: float = 2e-3, holdout: float = 0.2) -> dict:
     """Train on (1 - holdout) of the images, measure accuracy on the rest, save TorchScript. Returns meta."""
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] % 4:
-        raise ValueError(f"feature net needs 1- or 3-channel images with a resolution divisible by 4, got "
+        raise BadInput(f"feature net needs 1- or 3-channel images with a resolution divisible by 4, got "
                          f"{images.shape}")
     num_classes = int(labels.max()) + 1
     gen = torch.Generator().manual_seed(seed)

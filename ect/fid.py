@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ect.errors import BadInput
 from ect.fileio import sha256_file, verify_sha256, write_bytes_atomic
 from ect.layout import snapshot_name
 from ect.spec import FID_MODES as MODES
 from ect.spec import INCEPTION_FILE
 
 
-class FIDError(ValueError):
+class FIDError(BadInput):
     pass
 
 

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ect.errors import BadInput
+
 
 def _read_umask() -> int:
     mask = os.umask(0o022)
@@ -118,7 +120,7 @@ def write_json_atomic(path, obj) -> None:
     try:
         text = json.dumps(obj, indent=1, allow_nan=False)
     except ValueError:
-        raise ValueError(f"refusing to write {path}: it would hold a non-finite number (NaN or infinity)") from None
+        raise BadInput(f"refusing to write {path}: it would hold a non-finite number (NaN or infinity)") from None
     write_text_atomic(path, text + "\n")
 
 
@@ -130,7 +132,7 @@ def sha256_file(path, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class ChecksumError(ValueError):
+class ChecksumError(BadInput):
     pass
 
 

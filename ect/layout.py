@@ -68,7 +68,8 @@ class RunLayout:
         paper = spec.report.paper
         self.claim_kimgs = sorted({c.kimg for c in paper.claims if c.kimg is not None and c.kimg != spec.tune.kimg}
                                   ) if paper and not self.scaling else []
-        self.budget_fid = f"{self.results}/fid/budget.json" if paper and paper.budget and not self.scaling else None
+        self.judges_budget = bool(paper and paper.budget and not self.scaling)
+        self.budget_fid = f"{self.results}/fid/budget.json"
         self.claims = f"{self.results}/claims.json"
 
         # A scaling study: a FID point per (size, budget), the points as one table, the power-law fits.
@@ -132,7 +133,7 @@ class RunLayout:
             jobs += [(rule, f"{rule}-{name}") for rule in ("sample", "fid") for name in SAMPLE_SETS]
             jobs.append(("fid_curve", "fid_curve"))
             jobs += [("fid_snapshot", f"fid_snapshot-{kimg:g}") for kimg in self.claim_kimgs]
-            jobs += [("fid_budget", "fid_budget")] if self.budget_fid else []
+            jobs += [("fid_budget", "fid_budget")] if self.judges_budget else []
         return jobs
 
     def jobs(self) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ect.errors import BadInput
 from ect.typed import Bound, ConfigError, convert
 
 SQRT_HALF = math.sqrt(0.5)
@@ -281,7 +282,7 @@ class Precond(nn.Module):
         return c_skip * x + c_out * f.to(torch.float32)
 
 
-class ArchError(ValueError):
+class ArchError(BadInput):
     """Network kwargs (from a checkpoint or a config) that no EDM network has."""
 
 
@@ -297,15 +298,20 @@ def _constructors(kind: str) -> list:
     return [Precond, SongUNet]
 
 
+def constructor_options(cls) -> dict[str, tuple]:
+    """name -> (type, default) of one constructor's options: its annotated parameters."""
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    return {name: (hints[name], param.default) for name, param in inspect.signature(cls.__init__).parameters.items()
+            if name in hints and name != "return"}
+
+
 def arch_options(kind: str) -> dict[str, tuple]:
     """name -> (type, default) of every option of a network kind: the annotated parameters of its
     constructors (their Bound is part of the type). Written once, in the constructors' signatures."""
     options = {"kind": (Literal["edm2"], "edm2")} if kind == "edm2" else {}
     for cls in _constructors(kind):
-        hints = typing.get_type_hints(cls.__init__, include_extras=True)
-        for name, param in inspect.signature(cls.__init__).parameters.items():
-            if name in hints and name != "return":
-                options.setdefault(name, (hints[name], param.default))
+        for name, option in constructor_options(cls).items():
+            options.setdefault(name, option)
     return options
 
 

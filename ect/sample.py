@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ect.errors import BadInput
 from ect.fileio import write_bytes_atomic
 from ect.layout import SAMPLE_SETS
 from ect.spec import MAX_SEEDS
@@ -36,10 +37,10 @@ def parse_seeds(spec: str, limit: int = MAX_SEEDS) -> list[int]:
                 raise ValueError
             ranges.append((lo_i, hi_i))
     except ValueError:
-        raise ValueError(f"bad seed list {str(spec)[:80]!r}: use e.g. '0-9999' or '0-99,200-299' (seeds in "
+        raise SamplingError(f"bad seed list {str(spec)[:80]!r}: use e.g. '0-9999' or '0-99,200-299' (seeds in "
                          "[0, 2^63))") from None
     if sum(hi - lo + 1 for lo, hi in ranges) > limit:  # counted before anything is allocated
-        raise ValueError(f"seed list {str(spec)[:80]!r} has more than {limit:,} seeds: split it into several jobs "
+        raise SamplingError(f"seed list {str(spec)[:80]!r} has more than {limit:,} seeds: split it into several jobs "
                          "and join their files with 'ect merge-samples'")
     return sorted(set().union(*(range(lo, hi + 1) for lo, hi in ranges)))
 
@@ -87,7 +88,7 @@ def consistency_sampler(net, noise: SeededNoise, t_mids=(0.821,), steps: int = 1
     """1 step: x = D(80·z, 80). n steps: then x = D(x + t·ε, t) for t in t_mids[:n−1]; noise std exactly t.
     ``labels``: one-hot class labels of a conditional model."""
     if steps < 1 or steps - 1 > len(t_mids):
-        raise ValueError(f"{steps} steps need {steps - 1} intermediate times, got {list(t_mids)}")
+        raise SamplingError(f"{steps} steps need {steps - 1} intermediate times, got {list(t_mids)}")
     x = _denoise(net, noise.next() * T_MAX, T_MAX, labels)
     for t in t_mids[: steps - 1]:
         x = _denoise(net, x + t * noise.next(), t, labels)
@@ -121,7 +122,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-class SamplingError(ValueError):
+class SamplingError(BadInput):
     pass
 
 
@@ -232,17 +233,17 @@ def merge_samples(paths) -> tuple[np.ndarray, np.ndarray, dict]:
     """Concatenate sample files from split jobs, ordered by seed; seeds must not overlap."""
     parts = [load_samples(p) for p in paths]
     if not parts:
-        raise ValueError("nothing to merge")
+        raise SamplingError("nothing to merge")
     metas = {json.dumps({k: v for k, v in m.items() if k != "run"}, sort_keys=True) for _, _, m in parts}
     if len(metas) > 1:
-        raise ValueError("sample files come from different models or samplers; refusing to merge")
+        raise SamplingError("sample files come from different models or samplers; refusing to merge")
     labels = [load_sample_labels(p, len(part[0])) for p, part in zip(paths, parts, strict=True)]
     if len({lab is None for lab in labels}) > 1:
-        raise ValueError("some sample files have class labels and some do not; refusing to merge")
+        raise SamplingError("some sample files have class labels and some do not; refusing to merge")
     images = np.concatenate([p[0] for p in parts])
     seeds = np.concatenate([p[1] for p in parts])
     if len(np.unique(seeds)) != len(seeds):
-        raise ValueError("sample files overlap: some seeds appear twice")
+        raise SamplingError("sample files overlap: some seeds appear twice")
     order = np.argsort(seeds, kind="stable")
     merged_labels = None if labels[0] is None else np.concatenate(labels)[order]
     runs = [m.get("run") for _, _, m in parts if isinstance(m.get("run"), dict)]
@@ -259,7 +260,7 @@ def save_grid(path, images: np.ndarray, columns: int = 8, min_size: int = 64, ga
     replication (16×16 digits would be unreadable otherwise)."""
     n = min(len(images), columns * columns)
     if n == 0:
-        raise ValueError("no images for a grid")
+        raise SamplingError("no images for a grid")
     cols = min(columns, n)
     rows = -(-n // cols)
     h, w, c = images.shape[1:]

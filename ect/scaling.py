@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ect.errors import BadInput
+
 REQUIRED = ("compute", "fid")
 OPTIONAL = ("size", "steps", "set", "kimg")
 MAX_ROWS = 1_000_000
 
 
-class ScalingError(ValueError):
+class ScalingError(BadInput):
     pass
 
 

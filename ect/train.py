@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ect.checkpoint import load_state_by_name, read_checkpoint, save_checkpoint
 from ect.cost import device_info, iteration_flops, peak_tflops, precision_of
 from ect.data import load_dataset
+from ect.errors import BadInput
 from ect.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 from ect.layout import StateLayout, snapshot_name
 from ect.loss import ect_loss, edm_loss
@@ -138,7 +139,7 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-class StateDirectoryBusy(RuntimeError):
+class StateDirectoryBusy(BadInput):
     pass
 
 

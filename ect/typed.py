@@ -21,8 +21,10 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
+from ect.errors import BadInput
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInput):
     """A setting whose value no run can use; the message starts with the key's dotted path."""
 
 

@@ -151,7 +151,7 @@ CORPUS = {  # name -> (the file, given where a payload would leave a trace; what
     "import": (lambda m: malicious_pickle(__import__, "os"), "builtins.__import__"),
     "getattr-gadget": (lambda m: snapshot(Reduce(Reduce(getattr, (collections.OrderedDict(), "__init__")), ())),
                        "refusing to call"),
-    "other-class": (lambda m: pickle.dumps({"ema": collections.Counter()}, protocol=2), "not on the EDM allow-list"),
+    "other-class": (lambda m: pickle.dumps({"ema": collections.Counter()}, protocol=2), "not on this format's allow-list"),
     # numpy gadgets: attacker state never reaches numpy's dtype.__setstate__ or scalar()
     "dtype-object": (lambda m: snapshot(dtype_with_state("O", None)), "not a plain numeric type"),
     "dtype-object-field": (lambda m: snapshot(dtype_with_state(
@@ -168,7 +168,7 @@ CORPUS = {  # name -> (the file, given where a payload would leave a trace; what
     # tensors and storages: checked against the bytes present before anything is allocated
     "storage-claims-2**40": (lambda m: snapshot(tensor((4,), (1,), store=storage(declared=2**40, data=b"\0" * 16))),
                              "declares"),
-    "storage-global": (lambda m: snapshot(storage(extra_global=os.system)), "in a tensor storage blob"),
+    "storage-global": (lambda m: snapshot(storage(extra_global=os.system)), "a torch storage blob: refusing to load global"),
     "storage-bad-magic": (lambda m: snapshot(storage(magic=12345)), "legacy-format header"),
     "storage-big-endian": (lambda m: snapshot(storage(little_endian=False)), "big-endian"),
     "tensor-stride-0": (lambda m: snapshot(tensor((2**30, 2**10), (0, 0))), "not contiguous"),
@@ -183,11 +183,11 @@ CORPUS = {  # name -> (the file, given where a payload would leave a trace; what
     # amplification: nothing walks, prints or hashes attacker structures without bounds
     "exponential-class-name": (lambda m: snapshot(Persistent(nested_lists(60), {})), "short string"),
     "exponential-kwarg": (lambda m: with_unet_kwargs(model_channels=nested_lists(60)), "not a number"),
-    "deep-module-tree": (lambda m: deep_modules(100), "deeper or larger"),
-    "deep-nesting": (lambda m: raw(b"]" * 100_000 + b"a" * 99_999), "dict at top level"),
+    "deep-module-tree": (lambda m: deep_modules(100), "nested deeper than"),
+    "deep-nesting": (lambda m: raw(b"]" * 100_000 + b"a" * 99_999), "nested deeper than"),
     "shared-module": (lambda m: shared_module(), "appears twice"),
-    "int-keyed-dict": (lambda m: int_keyed_dict(50_000), "key their dicts by name"),
-    "huge-int-literal": (lambda m: b"L" + b"9" * 100_000 + b"L\n.", "truncated or corrupt"),
+    "int-keyed-dict": (lambda m: int_keyed_dict(50_000), "keys dicts by name"),
+    "huge-int-literal": (lambda m: b"L" + b"9" * 100_000 + b"L\n.", "LONG (protocol-0 text)"),
     # architectures and weights: kwargs validated, shapes compared before a network is built
     "model-channels-100000": (lambda m: with_unet_kwargs(model_channels=100_000), "model_channels"),
     "channel-mult-string": (lambda m: with_unet_kwargs(channel_mult="abc"), "channel_mult"),
@@ -197,7 +197,7 @@ CORPUS = {  # name -> (the file, given where a payload would leave a trace; what
     "persistent-id": (lambda m: raw(b"\x8c\x01xQ"), "persistent ids"),
     "inst-opcode": (lambda m: b"(iposix\nsystem\n.", "INST"),
     "text-memo": (lambda m: b"(lp0\n.", "PUT"),
-    "truncated": (lambda m: edm_snapshot_bytes(*network())[:5000], "truncated or corrupt"),
+    "truncated": (lambda m: edm_snapshot_bytes(*network())[:5000], "truncated"),
 }
 
 

@@ -10,10 +10,11 @@ import zipfile
 
 import numpy as np
 
+from ect.errors import BadInput
 from ect.fileio import atomic_path
 
 
-class DatasetError(ValueError):
+class DatasetError(BadInput):
     pass
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ect.data import DatasetError
+
 
 def digits_images(resolution: int = 16) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     if resolution < 8 or resolution % 8:
-        raise ValueError(f"digits resolution must be a multiple of 8, not {resolution}")
+        raise DatasetError(f"digits resolution must be a multiple of 8, not {resolution}")
     digits = load_digits()
     gray = np.round(digits.images * (255 / 16)).astype(np.uint8)  # (N, 8, 8)
     factor = resolution // 8

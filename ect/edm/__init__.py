@@ -1,5 +1,4 @@
-"""Reading EDM (and ECT) ``.pkl`` snapshots safely and converting them to our checkpoint format."""
 from ect.edm.convert import convert_edm_pickle, read_edm_network
-from ect.edm.pickle_reader import EDMFormatError, UnsafePickleError, load_edm_pickle
+from ect.edm.pickle_reader import EDMFormatError, load_edm_pickle
 
-__all__ = ["convert_edm_pickle", "read_edm_network", "load_edm_pickle", "EDMFormatError", "UnsafePickleError"]
+__all__ = ["convert_edm_pickle", "read_edm_network", "load_edm_pickle", "EDMFormatError"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ect.checkpoint import check_weights, load_state_by_name, nonfinite_weight, save_checkpoint
 from ect.edm.pickle_reader import (
+    EDM2_GLOBALS,
     EDMFormatError,
     PersistentRecord,
     describe,
@@ -13,12 +14,22 @@ from ect.edm.pickle_reader import (
     record_state_dict,
 )
 from ect.fileio import verify_sha256
-from ect.networks import ArchError, build_network, check_arch, count_parameters
+from ect.networks import (
+    ArchError,
+    SongUNet,
+    arch_options,
+    build_network,
+    check_arch,
+    constructor_options,
+    count_parameters,
+)
+from ect.safepickle import read_file_limited
+from ect.untrusted import MAX_SOURCE_BYTES, check_source, parse
 
 PRECOND_KINDS = {"EDMPrecond": "edm", "ECMPrecond": "ect"}
-# SongUNet constructor arguments we rebuild; EDM's defaults apply to any not stored in the pickle.
-SONGUNET_ARGS = ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
-                 "attn_resolutions", "dropout", "label_dropout", "channel_mult_noise", "resample_filter")
+# SongUNet's options we rebuild (its constructor's annotated parameters); EDM's defaults apply to any not
+# stored in the pickle.
+SONGUNET_ARGS = tuple(constructor_options(SongUNet))
 # Architecture variants EDM supports that our SongUNet does not implement.
 REQUIRED_VARIANTS = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard"}
 
@@ -33,17 +44,9 @@ def _plain(value):
     raise EDMFormatError(f"network kwarg is {describe(value)}, not a number, a string or a short list of numbers")
 
 
-# EDM2 (and ECT's ImageNet branch): the Precond/UNet kwargs we rebuild; EDM2's defaults apply to the rest.
-EDM2_ARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels",
-             "model_channels", "channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks",
-             "attn_resolutions", "label_balance", "concat_balance", "dropout", "dropout_res", "res_balance",
-             "attn_balance", "clip_act", "channels_per_head", "resample_filter")
-# Everything an EDM2 snapshot or post-hoc reconstruction references (and ECT's own, minus EasyDict): a file
-# that calls itself EDM2 but reaches for anything else of the EDM allow-list (numpy, getattr) is refused.
-EDM2_GLOBALS = {("dnnlib.util", "EasyDict"), ("torch_utils.persistence", "_reconstruct_persistent_obj"),
-                ("collections", "OrderedDict"), ("torch._utils", "_rebuild_parameter"),
-                ("torch._utils", "_rebuild_tensor_v2"), ("torch.storage", "_load_from_bytes"),
-                ("torch.nn.modules.container", "ModuleDict")}
+# EDM2 (and ECT's ImageNet branch): the Precond/UNet kwargs we rebuild (its network's options); EDM2's
+# defaults apply to the rest.
+EDM2_ARGS = tuple(name for name in arch_options("edm2") if name != "kind")
 
 
 def read_edm2_network(ema: PersistentRecord, globals_used: set) -> tuple[dict, dict]:
@@ -117,12 +120,21 @@ def read_edm_network(data: bytes) -> tuple[dict, dict, dict]:
     return arch, record_state_dict(ema), info
 
 
+def parse_snapshot(path) -> dict:
+    """In the parsing child (``ect/untrusted.py``): a snapshot file's network as plain data and tensors."""
+    arch, state, info = read_edm_network(read_file_limited(path, MAX_SOURCE_BYTES["edm-snapshot"]))
+    return {"arch": arch, "state": state, "info": info}
+
+
 def convert_edm_pickle(src, dst, sha256: str | None = None, log=print) -> dict:
-    """Verify (when ``sha256`` is given), parse and convert; write ``dst`` atomically."""
+    """Verify (when ``sha256`` is given), parse in a limited child process, check and convert; write ``dst``
+    atomically."""
     src = Path(src)
+    check_source(src, MAX_SOURCE_BYTES["edm-snapshot"])
     if sha256:
         verify_sha256(src, sha256)
-    arch, state, info = read_edm_network(src.read_bytes())
+    parsed = parse("edm-snapshot", src)
+    arch, state, info = parsed["arch"], parsed["state"], parsed["info"]
     check_weights(arch, state, f"{src}")  # every name and shape, before a network is built
     bad = nonfinite_weight(state)
     if bad is not None:

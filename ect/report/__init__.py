@@ -23,6 +23,7 @@ import yaml
 
 from ect.checkpoint import read_checkpoint
 from ect.claims import claim_record, spread
+from ect.errors import BadInput
 from ect.fileio import remove_stale_temporaries, sha256_file, write_json_atomic
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.report import plots
@@ -34,7 +35,7 @@ PACKAGES = ["ect-pipeline", "torch", "torchvision", "numpy", "scipy", "clean-fid
             "matplotlib", "scikit-learn"]
 
 
-class ReportError(ValueError):
+class ReportError(BadInput):
     pass
 
 
@@ -98,7 +99,7 @@ def collect(spec, config_files: list[str]) -> dict:
     return {
         **page_header(spec),
         "claims": paper_claims(spec, layout),
-        "budget": _json(Path(layout.budget_fid)) if layout.budget_fid else None,
+        "budget": _json(Path(layout.budget_fid)) if layout.judges_budget else None,
         "reference_check": _json(Path(layout.reference_check)) if layout.reference_check else None,
         "cost": cost,
         "cost_context": cost_context(spec, tuned_meta),

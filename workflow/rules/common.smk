@@ -204,6 +204,6 @@ def report_inputs(wildcards):
         "logs": ([L.pretrain_log] if SPEC.teacher.source == "pretrain" else []) + [L.train_log],
         "checkpoints": [L.teacher, L.tuned],
         "data": L.dataset,
-        "claims": [L.snapshot_fid(f"{kimg:g}") for kimg in L.claim_kimgs] + ([L.budget_fid] if L.budget_fid else []),
+        "claims": [L.snapshot_fid(f"{kimg:g}") for kimg in L.claim_kimgs] + ([L.budget_fid] if L.judges_budget else []),
         "reference_check": [L.reference_check] if L.reference_check else [],
     }

@@ -215,7 +215,7 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
                 " --kimg {wildcards.kimg:q} --ref {input.ref:q} --feature-net {input.feature_net:q}{params.dataset}"
                 " --out {output:q} --no-progress > {log:q} 2>&1"
 
-    if L.budget_fid:
+    if L.judges_budget:
 
         rule fid_budget:
             """A compute-budget claim: the snapshots near the FID crossing scored with the full protocol, judged."""
