@@ -11,7 +11,7 @@ import io
 import torch
 
 from ect.errors import BadInput
-from ect.fileio import write_bytes_atomic
+from ect.fileio import verify_zip, write_bytes_atomic
 from ect.networks import ArchError, Precond, build_network, parameter_shapes
 
 
@@ -27,6 +27,8 @@ def save_checkpoint(path, arch: dict, state_dict: dict, meta: dict) -> None:
 
 
 def read_checkpoint(path) -> dict:
+    """One of our checkpoints, its zip CRCs verified first (a bit-flipped file is refused, not used)."""
+    verify_zip(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt zips / pickles

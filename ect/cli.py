@@ -121,7 +121,7 @@ def run_fetch(args) -> int:
     from ect.download import fetch
 
     result = fetch(args.url, args.out, md5=args.md5, sha256=args.sha256, record=args.record, size=args.size,
-                   timeout=args.timeout, retries=args.retries, progress=not args.no_progress,
+                   timeout=args.timeout, retries=args.retries, deadline_s=args.deadline, progress=not args.no_progress,
                    allow_unverified=args.unverified, max_bytes=args.max_bytes)
     if args.provenance:
         from ect.fileio import write_json_atomic
@@ -380,7 +380,7 @@ def _prepare_data_args(p):
 
 
 def _fetch_args(p):
-    from ect.download import MAX_BYTES, RECORD_FILE
+    from ect.download import DEADLINE_S, MAX_BYTES, RECORD_FILE
 
     p.add_argument("url", help="http(s) URL (the preset's dataset.url, teacher.url or fid.feature_net.url)")
     p.add_argument("--out", required=True)
@@ -398,6 +398,9 @@ def _fetch_args(p):
                    help="download without any checksum (by hand; prints the sha256 to pin; the pipeline never passes it)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a read may stall before a retry (default 60)")
     p.add_argument("--retries", type=non_negative_int, default=3)
+    p.add_argument("--deadline", type=float, default=DEADLINE_S,
+                   help=f"seconds the whole fetch may take, resumes included (default {DEADLINE_S:g}); a fetch past it "
+                        "stops and keeps its partial file for the next call")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -154,3 +154,33 @@ def verify_sha256(path, expected: str) -> str:
     if actual != expected:
         raise ChecksumError(f"sha256 mismatch for {path}: expected {expected}, got {actual}")
     return actual
+
+
+def verify_zip(path) -> None:
+    """A zip we wrote (``torch.save``, TorchScript) with every member's CRC checked: a flipped bit or a torn
+    write is refused, naming the file, before anything reads it (``torch.load`` does not check them)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        raise BadInput(f"{path}: not a readable checkpoint ({str(exc)[:120]}); rerun the step that made it") from None
+    if damaged is not None:
+        raise BadInput(f"{path}: damaged: its member {damaged[:120]!r} fails its CRC check (a flipped bit or a torn "
+                       "write); rerun the step that made it")
+
+
+def read_jsonl(path, what: str = "log") -> tuple[list[dict], int]:
+    """The JSON objects of a JSON-lines file up to its first line that is not one (a torn last line of a killed
+    writer, or garbage), and how many lines were left out after it."""
+    records, lines = [], Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return records, len(lines) - i
+        if type(record) is not dict:
+            return records, len(lines) - i
+        records.append(record)
+    return records, 0

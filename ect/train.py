@@ -33,7 +33,7 @@ from ect.checkpoint import load_state_by_name, read_checkpoint, save_checkpoint
 from ect.cost import device_info, iteration_flops, peak_tflops, precision_of
 from ect.data import load_dataset
 from ect.errors import BadInput
-from ect.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
+from ect.fileio import atomic_path, read_jsonl, sha256_file, verify_zip, write_bytes_atomic, write_text_atomic
 from ect.layout import StateLayout, snapshot_name
 from ect.loss import ect_loss, edm_loss
 from ect.networks import build_network, count_parameters, student_arch
@@ -189,21 +189,38 @@ class TrainState:
                     "elapsed_s": self.elapsed_s}, buf)
         write_bytes_atomic(self.path, buf.getvalue())
 
+    STATE_KEYS = {"net": dict, "ema": dict, "pf_emas": list, "optimizer": dict, "iteration": int,
+                  "rng_cpu": torch.Tensor, "config_digest": str, "elapsed_s": (int, float)}
+
     def load(self) -> bool:
-        """Resume from the saved state if there is one; return whether there was."""
+        """Resume from the saved state if there is one; return whether there was. A state that is damaged,
+        incomplete or from another configuration is refused, naming the file and what to do."""
         if not self.path.exists():
             return False
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        start_over = f"delete {self.dir} to start over"
+        verify_zip(self.path)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt file
+            raise ConfigError(f"{self.path}: not a readable training state ({type(exc).__name__}); {start_over}") from None
+        fields = state if type(state) is dict else {}
+        bad = [k for k, kind in self.STATE_KEYS.items() if not isinstance(fields.get(k), kind)]
+        if not bad and not (type(fields["iteration"]) is int and 0 <= fields["iteration"] <= self.cfg.total_iters
+                            and fields["elapsed_s"] >= 0):
+            bad = ["iteration or elapsed_s out of range"]
+        if bad:
+            raise ConfigError(f"{self.path}: a training state with missing or impossible fields ({', '.join(bad)}); "
+                              f"{start_over}")
         if state["config_digest"] != self.cfg.digest():
             raise ConfigError(f"{self.path} was written with a different configuration "
-                              f"({state['config_digest']} != {self.cfg.digest()}); delete {self.dir} to start over")
+                              f"({state['config_digest'][:16]} != {self.cfg.digest()}); {start_over}")
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
-        for e, saved in zip(self.pf_emas, state.get("pf_emas", []), strict=True):
+        for e, saved in zip(self.pf_emas, state["pf_emas"], strict=True):
             e.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
-        self.iteration, self.elapsed_s = state["iteration"], float(state.get("elapsed_s", 0.0))
+        self.iteration, self.elapsed_s = state["iteration"], float(state["elapsed_s"])
         return True
 
     def append_log(self, line: dict) -> None:
@@ -211,11 +228,16 @@ class TrainState:
             f.write(json.dumps(line) + "\n")
 
     def truncate_log(self) -> None:
-        """Keep the log lines up to the saved iteration (none for a fresh run)."""
-        if self.log_path.exists():
-            kept = [line for line in self.log_path.read_text().splitlines()
-                    if line and json.loads(line)["iteration"] <= self.iteration]
-            write_text_atomic(self.log_path, "".join(line + "\n" for line in kept))
+        """Keep the log lines up to the saved iteration (none for a fresh run). A torn or garbage line (a writer
+        killed mid-line) and everything after it is cut, with a note."""
+        if not self.log_path.exists():
+            return
+        records, dropped = read_jsonl(self.log_path)
+        if dropped:
+            print(f"note: {self.log_path}: cut {dropped} line(s) from the first one that is not a complete JSON "
+                  "record (a writer killed mid-line)", file=sys.stderr)
+        kept = [r for r in records if type(r.get("iteration")) is int and r["iteration"] <= self.iteration]
+        write_text_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.net.parameters())
