@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from ect.fileio import is_number
 from ect.spec import TOLERANCE
 
 VERDICTS = ("reproduced", "short", "inconsistent", "unjudged")
@@ -101,3 +102,13 @@ def judge_budget(points: list[dict], full: dict[str, list[float]], key: str, bud
             "time_to_fid_hours": reached["device_hours"] if reached else None,
             "time_to_fid_protocol": reached["protocol"] if reached else None,
             "best_within_budget": best, "verdict": kind, "text": text}
+
+
+# What `ect fid-budget` writes, as its readers check it.
+BUDGET = {"verdict": lambda v: v in VERDICTS, "text": lambda v: type(v) is str, "statistic": lambda v: type(v) is str,
+          "target": is_number, "gpu_hours": is_number, "device": lambda v: type(v) is str,
+          "points": lambda v: type(v) is list and all(type(p) is dict and is_number(p.get("device_hours"))
+                                                     and is_number(p.get("fid")) for p in v),
+          "best_within_budget": lambda v: v is None or (type(v) is dict and is_number(v.get("fid"))
+                                                        and is_number(v.get("device_hours"))),
+          "time_to_fid_hours": lambda v: v is None or is_number(v)}

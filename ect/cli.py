@@ -317,18 +317,10 @@ def run_scaling_point(args) -> int:
 
 
 def run_scaling_points(args) -> int:
-    import json
-
-    from ect.fid import scaling_table
+    from ect.fid import read_scaling_point, scaling_table
     from ect.fileio import write_text_atomic
-    from ect.scaling import ScalingError
 
-    points = []
-    for path in args.points:
-        try:
-            points.append(json.loads(open(path).read()))
-        except (OSError, ValueError) as exc:
-            raise ScalingError(f"cannot read scaling point {path}: {exc}") from exc
+    points = [read_scaling_point(path) for path in args.points]
     write_text_atomic(args.out, scaling_table(points))
     say(f"wrote {len(points)} points to {args.out}")
     return 0
@@ -357,6 +349,8 @@ class Step:
     description: str  # `ect <step> --help`
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    inputs: tuple = ()  # the arguments that name files it reads
+    outputs: tuple = ()  # the arguments that name files it writes: all or none of them, never over an input
 
 
 def _convert_edm_args(p):
@@ -553,85 +547,104 @@ STEPS = [
          "Read an EDM (or ECT) training snapshot with a restricted unpickler (an allow-list of globals; the embedded "
          "source is never executed, tensors are rebuilt from checked sizes and bytes only), verify its sha256 first "
          "when given, check the architecture and every weight's shape, and write the 'ema' network as our checkpoint "
-         "(torch.load weights_only).", _convert_edm_args, run_convert_edm),
+         "(torch.load weights_only).", _convert_edm_args, run_convert_edm,
+         inputs=('src',), outputs=('dst',)),
     Step("prepare-data", "write a dataset in our format (uint8 NHWC .npz + content hash)",
          "Write a dataset in our on-disk format. 'digits': scikit-learn's bundled 8x8 handwritten digits (real images, "
          "no download) upsampled by pixel replication to --resolution. 'cifar10': the 50,000 training images of the "
          "official python tarball (--archive), in EDM's order, at 32x32. 'imagenet': a local ILSVRC2012 training set "
          "(--archive: the folder of synset folders, its tar, or EDM2's prepared zip), brought to --resolution with "
          "EDM2's center-crop-dhariwal transform, labelled by sorted synset. The content hash covers the pixels and "
-         "labels only, not the archive's timestamps.", _prepare_data_args, run_prepare_data),
+         "labels only, not the archive's timestamps.", _prepare_data_args, run_prepare_data,
+         inputs=('archive',), outputs=('out',)),
     Step("fetch", "download a file, checksum-verified and resumable",
          "Download an http(s) URL to --out and verify it before renaming it into place: against --md5/--sha256, or "
          "trust on first use with --record (the first fetch records the sha256, every later one is verified "
          "against it). Resumes (HTTP Range) after a dropped or stalled connection; a full disk, a mismatch or a "
          "file over its size limit leaves no output. Run on a machine with internet (a login node); 'snakemake "
-         "prefetch' runs every download of a preset.", _fetch_args, run_fetch),
+         "prefetch' runs every download of a preset.", _fetch_args, run_fetch,
+         inputs=(), outputs=('out', 'provenance')),
     Step("pretrain", "train a small EDM teacher with EDM's loss (toy presets)",
          "Train an EDM-preconditioned network from scratch with EDM's denoising loss. Options come from the config's "
-         "'pretrain' section." + RESUME_HELP, lambda p: train_args(p, with_teacher=False), run_train),
+         "'pretrain' section." + RESUME_HELP, lambda p: train_args(p, with_teacher=False), run_train,
+         inputs=('config', 'data'), outputs=('out', 'log')),
     Step("tune", "ECT: tune a teacher into a consistency model",
          "Easy Consistency Tuning from a teacher checkpoint. Options come from the config's 'tune' section. Runs under "
          "torchrun for DDP (global batch fixed)." + RESUME_HELP, lambda p: train_args(p, with_teacher=True),
-         run_train),
+         run_train,
+         inputs=('config', 'data', 'teacher'), outputs=('out', 'snapshots', 'log')),
     Step("sample", "generate images (consistency 1/2-step, or the teacher's Heun sampler)",
          "Generate images; image i uses a generator seeded with i, so any seed subset is reproducible and jobs can be "
          "split and merged. Writes uint8 NHWC .npz (+ PNG grid). With --config and --set, the sampler settings come "
          "from the config's 'sample' section (the pipeline's way); otherwise from the flags. Non-finite network "
-         "outputs are an error, not black images.", _sample_args, run_sample),
+         "outputs are an error, not black images.", _sample_args, run_sample,
+         inputs=('config', 'checkpoint', 'dataset'), outputs=('out', 'grid')),
     Step("merge-samples", "merge sample files from split jobs (ordered by seed)",
          "Concatenate .npz sample files of the same model and sampler; seeds must not overlap.",
-         _merge_samples_args, run_merge_samples),
+         _merge_samples_args, run_merge_samples,
+         inputs=('inputs',), outputs=('out',)),
     Step("feature-net", "train the toy FID feature network (a digits classifier, fixed seed)",
          "Train a small CNN classifier on the dataset (80%% train, 20%% held out; seed and epochs from the config's "
          "fid.feature_net) and save its 64-d penultimate features as TorchScript with the Inception interface: float "
-         "images (N, 3, H, W) in [0, 255] -> (N, 64).", _feature_net_args, run_feature_net),
+         "images (N, 3, H, W) in [0, 255] -> (N, 64).", _feature_net_args, run_feature_net,
+         inputs=('config', 'data'), outputs=('out',)),
     Step("fid-stats", "reference FID statistics (mean, covariance) of a dataset",
          "Features of every image of the dataset in each --modes, then their mean and covariance (float64), in one "
          ".npz. Takes the feature network's settings rather than a config, so that presets sharing a dataset share "
          "its statistics. Features are accumulated as float64 moments a batch at a time; --shard computes one slice's "
-         "moments so that a large dataset splits across jobs.", _fid_stats_args, run_fid_stats),
+         "moments so that a large dataset splits across jobs.", _fid_stats_args, run_fid_stats,
+         inputs=('data', 'feature_net'), outputs=('out',)),
     Step("fid-stats-merge", "merge the shards of 'fid-stats --shard' into reference statistics",
          "Add up the feature moments of shards 0..N-1 of one dataset and feature network (each exactly once; "
          "anything else is refused) and write the mean and unbiased covariance.", _fid_stats_merge_args,
-         run_fid_stats_merge),
+         run_fid_stats_merge,
+         inputs=('shards',), outputs=('out',)),
     Step("fid", "FID of a sample file against reference statistics (min and mean over sets)",
          "Split the samples (ordered by seed) into the config's sample.sets equal sets, compute the FID of each "
          "against the reference in every fid.modes, and write min, mean and every value as JSON (the first mode is "
-         "the headline). The samples must match the reference's resolution.", _fid_args, run_fid),
+         "the headline). The samples must match the reference's resolution.", _fid_args, run_fid,
+         inputs=('config', 'samples', 'ref', 'feature_net'), outputs=('out',)),
     Step("fid-curve", "FID of every training snapshot (FID against training budget)",
          "Sample every snapshot in a directory with the consistency sampler (fid.curve_steps steps, seeds "
          "0..fid.curve_samples-1) and score it against the reference; one JSON with a point per snapshot.",
-         _fid_curve_args, run_fid_curve),
+         _fid_curve_args, run_fid_curve,
+         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dataset'), outputs=('out', 'table')),
     Step("reference-check", "compare our reference statistics with the published ones (Frechet distance)",
          "The Frechet distance between our reference statistics of the dataset and those its authors published "
          "(EDM's fid-refs): below 0.01 our data and preprocessing match theirs; above, the report shows a warning. "
-         "Runs before any sample is drawn.", _reference_check_args, run_reference_check),
+         "Runs before any sample is drawn.", _reference_check_args, run_reference_check,
+         inputs=('ours', 'theirs'), outputs=('out',)),
     Step("fid-snapshot", "FID of a tuning snapshot with the full protocol (a budget the paper publishes a number at)",
          "Score the snapshot at --kimg as the final model is scored: sample.sets sets of sample.samples_per_set at "
          "each of fid.curve_steps consistency steps, against the reference; with its cost from its meta.",
-         _fid_snapshot_args, run_fid_snapshot),
+         _fid_snapshot_args, run_fid_snapshot,
+         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dataset'), outputs=('out',)),
     Step("fid-budget", "judge a compute-budget claim (FID F within H GPU-hours) from the tuning snapshots",
          "Read the FID curve, score the snapshots near the crossing of report.paper.budget.fid and the best within "
          "its GPU-hours with the full protocol, and write time-to-FID, the best FID within the budget and the verdict "
          "(reproduced, short, or unjudged on another device than the one the claim names).", _fid_budget_args,
-         run_fid_budget),
+         run_fid_budget,
+         inputs=('config', 'curve', 'snapshots', 'ref', 'feature_net', 'dataset'), outputs=('out',)),
     Step("scaling-point", "one point of a scaling study: FID sets of a size's snapshot at a budget",
          "Score the snapshot of a size's tuning run at --kimg: scaling.sets sets of scaling.samples samples at each "
          "of fid.curve_steps consistency steps, against the reference; with the snapshot's cost (tuning FLOPs, "
-         "device-hours) from its meta.", _scaling_point_args, run_scaling_point),
+         "device-hours) from its meta.", _scaling_point_args, run_scaling_point,
+         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dataset'), outputs=('out',)),
     Step("scaling-points", "gather scaling points into the CSV that scaling-fit reads",
          "One row per FID set: compute (the snapshot's tuning FLOPs, the teacher's pretraining not counted), fid, "
-         "size, steps, set, kimg.", _scaling_points_args, run_scaling_points),
+         "size, steps, set, kimg.", _scaling_points_args, run_scaling_points,
+         inputs=('points',), outputs=('out',)),
     Step("scaling-fit", "fit fid = coefficient * compute^-exponent to points (least squares in log-log)",
          "Fit a power law of FID against compute by least squares in log-log space, with a 95%% bootstrap interval "
          "of the exponent (over points and FID sets), r2 in log space, and a held-out check (fit without the "
          "largest-compute point, predict it). Non-positive or non-finite values, fewer than 3 points or a missing "
-         "column are errors.", _scaling_fit_args, run_scaling_fit),
+         "column are errors.", _scaling_fit_args, run_scaling_fit,
+         inputs=('points',), outputs=('out',)),
     Step("report", "the run's HTML report (FID table, grids, curves, protocol, provenance)",
          "Render the report of one run with Jinja2 from the run's files (their paths come from the config's run "
          "layout). The page and its images go to --out, a directory that is replaced as a whole, and only if it is "
-         "missing, empty or an earlier report; everything is local, so it reads offline.", _report_args, run_report),
+         "missing, empty or an earlier report; everything is local, so it reads offline.", _report_args, run_report,
+         inputs=('config',), outputs=('out', 'claims')),
 ]
 
 
@@ -648,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     for step in STEPS:
         p = sub.add_parser(step.name, help=step.summary, description=step.description)
         step.arguments(p)
-        p.set_defaults(func=step.run)
+        p.set_defaults(func=step.run, step=step)
     return parser
 
 
@@ -690,27 +703,44 @@ def main(argv=None) -> int:
     """Run a step. Bad input (a BadInput, or an OSError naming its file): one line, exit 2. CUDA out of memory:
     one line naming batch_gpu, exit 1. Anything else is a bug: its traceback, exit 1."""
     from ect.errors import BadInput
+    from ect.fileio import StepOutputs
 
     args = build_parser().parse_args(argv)
     if argv is None:  # the `ect` program itself, not a call from Python
         die_with_parent()
+    outputs = None
     try:
-        return args.func(args)
+        outputs = StepOutputs(_paths(args, args.step.inputs), _paths(args, args.step.outputs))
+        code = args.func(args)
     except (BadInput, OSError) as exc:
         say(f"error: {describe(exc)}")
-        return 2
+        code = 2
     except MemoryError as exc:
         say(f"error: out of memory{': ' + describe(exc) if str(exc) else ''}")
-        return 1
+        code = 1
     except KeyboardInterrupt:
         say("interrupted")
-        return 130
+        code = 130
     except Exception as exc:
+        if outputs is not None:
+            outputs.remove_started()
         if type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("torch"):
             say("error: CUDA out of memory: lower the per-GPU micro-batch (tune.batch_gpu, or sample.batch for "
                 "sampling and scoring); gradients accumulate, so the results do not change")
             return 1
         raise
+    if code != 0 and outputs is not None:
+        outputs.remove_started()
+    return code
+
+
+def _paths(args, names) -> list:
+    """The paths a step's arguments name (a list argument gives several)."""
+    out = []
+    for name in names:
+        value = getattr(args, name, None)
+        out += [str(v) for v in value] if isinstance(value, list) else [] if value is None else [str(value)]
+    return out
 
 
 def describe(exc: BaseException) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 import warnings
 import zipfile
@@ -22,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ect.errors import BadInput
-from ect.fileio import sha256_file, verify_sha256, write_bytes_atomic
+from ect.fileio import is_number, is_numbers, read_json, sha256_file, verify_sha256, verify_zip, write_bytes_atomic
 from ect.layout import snapshot_name
 from ect.spec import FID_MODES as MODES
 from ect.spec import INCEPTION_FILE
@@ -35,6 +34,7 @@ class FIDError(BadInput):
 def load_feature_net(path, sha256: str | None = None, device="cpu"):
     """Verify (when ``sha256`` is given), then load a TorchScript feature network. Returns (net, meta, sha256)."""
     digest = verify_sha256(path, sha256) if sha256 else sha256_file(path)
+    verify_zip(path)
     extra = {"meta.json": ""}
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated, but Inception's feature file is TorchScript
@@ -42,7 +42,14 @@ def load_feature_net(path, sha256: str | None = None, device="cpu"):
             net = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except RuntimeError as exc:
         raise FIDError(f"cannot load feature network {path} (not TorchScript?): {exc}") from exc
-    meta = json.loads(extra["meta.json"]) if extra["meta.json"] else {}
+    try:
+        meta = json.loads(extra["meta.json"]) if extra["meta.json"] else {}
+    except ValueError:
+        meta = None
+    if type(meta) is not dict or type(meta.get("resolution", 16)) is not int or not 4 <= meta.get("resolution", 16) \
+            <= 1024 or meta.get("channels", 3) not in (1, 3) or type(meta.get("channels", 3)) is not int:
+        raise FIDError(f"feature network {path}: its meta.json must give an integer resolution (4-1024) and 1 or 3 "
+                       "channels")
     return net.eval(), meta, digest
 
 
@@ -151,12 +158,22 @@ def save_stats(path, stats: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict
 
 
 def load_stats(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Reference statistics from `ect fid-stats`, every field checked: modes we know, a finite float64 mean and
+    covariance of matching dimensions, a JSON meta."""
     try:
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
-            return {m: (f[f"mu_{m}"], f[f"sigma_{m}"]) for m in meta["modes"]}, meta
-    except (OSError, KeyError, ValueError) as exc:
-        raise FIDError(f"cannot read FID statistics {path}: {exc}") from exc
+            modes = meta.get("modes") if type(meta) is dict else None
+            if not (type(modes) is list and modes and all(type(m) is str and m in MODES for m in modes)):
+                raise ValueError("its meta names no FID modes")
+            stats = {m: (f[f"mu_{m}"], f[f"sigma_{m}"]) for m in modes}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise FIDError(f"cannot read FID statistics {path}: {str(exc)[:200]}") from None
+    for mode, (mu, sigma) in stats.items():
+        if not (mu.dtype == np.float64 and sigma.dtype == np.float64 and mu.ndim == 1 and 0 < len(mu) <= 65536
+                and sigma.shape == (len(mu), len(mu)) and np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise FIDError(f"FID statistics {path}: {mode} must be a finite float64 mean (D,) and covariance (D, D)")
+    return stats, meta
 
 
 def fid_of_sets(features: np.ndarray, mu_ref, sigma_ref, sets: int) -> list[float]:
@@ -464,7 +481,7 @@ def fid_budget(settings, curve_path, snapshot_dir, ref_path, feature_net, device
 
     budget = settings.report.paper.budget
     key = f"fid_{SAMPLE_SETS[budget.set].steps}step"
-    points = read_curve(curve_path, key)
+    points = read_curve(curve_path, key)["points"]
     names = budget_candidates(points, key, budget.fid, budget.gpu_hours)
     scored = score_snapshots(settings, [Path(snapshot_dir) / n for n in names], settings.sample.sets,
                              settings.sample.samples_per_set, ref_path, feature_net, device, dataset)
@@ -479,37 +496,64 @@ def plain_budget(budget) -> dict:
     return {k: getattr(budget, k) for k in ("gpu_hours", "device", "fid", "statistic")}
 
 
-def read_curve(path, key: str) -> list[dict]:
-    """The points of a FID curve (`ect fid-curve`), every field checked: a snapshot name, finite numbers."""
-    try:
-        curve = json.loads(Path(path).read_text())
-        points = curve["points"]
-        if not isinstance(points, list) or len(points) > 100_000:
-            raise ValueError("'points' is not a list of at most 100,000 points")
-        for p in points:
-            if not (isinstance(p, dict) and isinstance(p.get("snapshot"), str) and p["snapshot"].endswith(".pt")
-                    and "/" not in p["snapshot"] and isinstance(p.get(key), (int, float)) and math.isfinite(p[key])):
-                raise ValueError(f"a point without a snapshot name or a finite {key}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FIDError(f"cannot read FID curve {path}: {str(exc)[:200]}") from None
-    return points
+# ---------------------------------------------------------------------------------------------
+# Reading back what the scoring steps wrote: every field a reader uses is checked (ect.fileio.read_json).
+
+def _count(value) -> bool:
+    return type(value) is int and value >= 0
 
 
-def scaling_table(points: list[dict]) -> str:
-    """Scaling points as the CSV `ect scaling-fit` reads: compute (tuning FLOPs), fid, size, steps, set."""
-    rows = ["compute,fid,size,steps,set,kimg"]
-    for point in points:
-        for key, fids in point.items():
-            if key.startswith("fid_"):
-                steps = key[4:-4]
-                rows += [f"{point['flops']},{fid},{point['size']},{steps},{i},{point['kimg']}" for i, fid in
-                         enumerate(fids)]
-    return "\n".join(rows) + "\n"
+def _modes(value) -> bool:
+    return type(value) is dict and all(k in MODES and type(v) is dict and is_number(v.get("fid_min"))
+                                       and is_numbers(v.get("fid_sets")) for k, v in value.items())
 
 
-def curve_table(curve: dict) -> str:
-    """The FID curve as CSV, one row per snapshot (DVC plots read it): cost columns, then each step count."""
-    fids = sorted({k for p in curve["points"] for k in p if k.startswith("fid_")})
-    rows = [",".join((*CURVE_COLUMNS, *fids))]
-    rows += [",".join("" if p.get(k) is None else str(p[k]) for k in (*CURVE_COLUMNS, *fids)) for p in curve["points"]]
-    return "\n".join(rows) + "\n"
+def _curve_points(value) -> bool:
+    """A curve's points: a snapshot name each, finite FIDs, cost numbers or null."""
+    return type(value) is list and 0 < len(value) <= 100_000 and all(
+        type(p) is dict and type(p.get("snapshot")) is str and p["snapshot"].endswith(".pt") and "/" not in p["snapshot"]
+        and all(is_number(v) for k, v in p.items() if k.startswith("fid_"))
+        and all(p.get(k) is None or is_number(p[k]) for k in COST_KEYS) for p in value)
+
+
+FID_RESULT = {"fid_min": is_number, "fid_mean": is_number, "fid_sets": is_numbers, "nfe": _count,
+              "mode": lambda v: v in MODES, "modes": _modes, "sets": _count, "samples_per_set": _count,
+              "feature_net_sha256": lambda v: type(v) is str, "reference": lambda v: type(v) is dict,
+              "seeds": lambda v: type(v) is list and len(v) == 2 and all(_count(s) for s in v)}
+CURVE = {"samples": _count, "mode": lambda v: v in MODES, "points": _curve_points}
+SNAPSHOT_FID = {"snapshot": lambda v: type(v) is str, "sets": _count, "samples": _count}
+REFERENCE_CHECK = {"frechet_distance": is_number, "threshold": is_number, "pass": lambda v: type(v) is bool,
+                   "ours": lambda v: type(v) is str, "theirs": lambda v: type(v) is str, "mode": lambda v: v in MODES}
+
+
+def read_fid_result(path) -> dict:
+    return read_json(path, "FID result", FID_RESULT)
+
+
+def read_curve(path, key: str | None = None) -> dict:
+    """A FID curve (`ect fid-curve`), checked; with ``key``, every point must have that FID."""
+    curve = read_json(path, "FID curve", CURVE)
+    if key is not None and not all(key in p for p in curve["points"]):
+        raise FIDError(f"FID curve {path} has points without {key}: rerun fid-curve")
+    return curve
+
+
+def read_snapshot_fid(path, key: str) -> dict:
+    return read_json(path, "snapshot FID", {**SNAPSHOT_FID, key: is_numbers})
+
+
+SCALING_POINT = {"size": lambda v: type(v) is str and v.isalnum() and len(v) <= 40, "kimg": is_number,
+                 "flops": is_number, "sets": _count, "samples": _count}
+
+
+def read_scaling_point(path) -> dict:
+    """A point `ect scaling-point` wrote, checked: its size, budget, compute and FID sets."""
+    point = read_json(path, "scaling point", SCALING_POINT)
+    if not any(k.startswith("fid_") for k in point) or not all(is_numbers(v) for k, v in point.items()
+                                                               if k.startswith("fid_")):
+        raise FIDError(f"scaling point {path} has no FID sets: rerun scaling-point")
+    return point
+
+
+def read_reference_check(path) -> dict:
+    return read_json(path, "reference check", REFERENCE_CHECK)

@@ -184,3 +184,70 @@ def read_jsonl(path, what: str = "log") -> tuple[list[dict], int]:
             return records, len(lines) - i
         records.append(record)
     return records, 0
+
+
+def _fingerprint(path: Path):
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+class StepOutputs:
+    """The outputs of one step, all or none: an output that is one of its inputs (or another of its outputs) is
+    refused before anything is written, and a step that fails removes every output it wrote or replaced (a
+    directory only if it made it)."""
+
+    def __init__(self, inputs, outputs):
+        self.inputs = [Path(p) for p in inputs if p is not None]
+        self.outputs = [Path(p) for p in outputs if p is not None]
+        for i, out in enumerate(self.outputs):
+            for other in [*self.inputs, *self.outputs[:i]]:
+                if out == other or (out.exists() and other.exists() and os.path.samefile(out, other)):
+                    raise BadInput(f"{out} is also {'an input' if other in self.inputs else 'another output'} of "
+                                   f"this step ({other}): refusing to write over it")
+        self.before = {out: _fingerprint(out) for out in self.outputs}
+
+    def remove_started(self) -> None:
+        for out, before in self.before.items():
+            if _fingerprint(out) in (None, before):
+                continue
+            if out.is_dir() and not out.is_symlink():
+                if before is None:
+                    shutil.rmtree(out, ignore_errors=True)
+            else:
+                out.unlink(missing_ok=True)
+
+
+def is_number(value) -> bool:
+    import math
+
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def is_numbers(value) -> bool:
+    return type(value) is list and len(value) > 0 and all(is_number(v) for v in value)
+
+
+def read_json(path, what: str, checks: dict | None = None, max_bytes: int = 64 << 20):
+    """A JSON file an earlier step wrote, checked: at most ``max_bytes``, no NaN, an object whose ``checks``
+    (key -> predicate) hold. Any problem is one error naming the file and the key."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes:,} bytes")
+        value = json.loads(path.read_text(), parse_constant=no_constants)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadInput(f"cannot read {what} {path}: {str(exc)[:200]}") from None
+    if checks is None:
+        return value
+    if type(value) is not dict:
+        raise BadInput(f"{what} {path} is not a JSON object")
+    for key, check in checks.items():
+        if key not in value or not check(value[key]):
+            raise BadInput(f"{what} {path}: '{key}' is missing or malformed; rerun the step that wrote it")
+    return value

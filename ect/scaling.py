@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ect.errors import BadInput
+from ect.fileio import is_number, read_json
 
 REQUIRED = ("compute", "fid")
 OPTIONAL = ("size", "steps", "set", "kimg")
@@ -31,7 +32,7 @@ class ScalingError(BadInput):
 def read_points(path) -> list[dict]:
     """The rows of a points CSV, checked: numbers positive and finite, the required columns present."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (a spreadsheet's) is not data
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             missing = [c for c in REQUIRED if c not in columns]
@@ -124,6 +125,18 @@ def fit(points: list[dict], bootstrap: int = 2000, seed: int = 0) -> dict:
                         "rel_error": (predicted - actual) / actual},
             "points": [{"compute": p["compute"], "fid": float(np.mean(p["fids"])), "fid_sets": p["fids"],
                         **({"size": p["size"]} if p["size"] != "" else {})} for p in points]}
+
+
+FIT = {"coefficient": is_number, "exponent": is_number, "r2": is_number, "n_points": lambda v: type(v) is int,
+       "frontier": lambda v: type(v) is bool, "holdout": lambda v: type(v) is dict,
+       "exponent_ci95": lambda v: type(v) is list and len(v) == 2 and all(type(x) in (int, float) for x in v),
+       "points": lambda v: type(v) is list and all(type(p) is dict and is_number(p.get("compute"))
+                                                   and is_number(p.get("fid")) for p in v)}
+
+
+def read_fit(path) -> dict:
+    """A fit `ect scaling-fit` wrote, checked."""
+    return read_json(path, "scaling fit", FIT)
 
 
 def fit_file(path, steps: str | None = None, size: str | None = None, use_frontier: bool = False) -> dict:

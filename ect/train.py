@@ -33,7 +33,15 @@ from ect.checkpoint import load_state_by_name, read_checkpoint, save_checkpoint
 from ect.cost import device_info, iteration_flops, peak_tflops, precision_of
 from ect.data import load_dataset
 from ect.errors import BadInput
-from ect.fileio import atomic_path, read_jsonl, sha256_file, verify_zip, write_bytes_atomic, write_text_atomic
+from ect.fileio import (
+    atomic_path,
+    is_number,
+    read_jsonl,
+    sha256_file,
+    verify_zip,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from ect.layout import StateLayout, snapshot_name
 from ect.loss import ect_loss, edm_loss
 from ect.networks import build_network, count_parameters, student_arch
@@ -262,6 +270,18 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+TICK_FIELDS = ("iteration", "kimg", "loss", "stage", "lr")  # every tick line has them, numbers all
+
+
+def read_train_log(path) -> list[dict]:
+    """A published tick log (train-log.jsonl), checked: complete JSON lines with the tick fields as numbers."""
+    records, dropped = read_jsonl(path)
+    if dropped or not all(all(is_number(r.get(k)) for k in TICK_FIELDS) for r in records):
+        raise ConfigError(f"training log {path}: a line that is not a complete tick record; rerun the step that "
+                          "wrote it")
+    return records
 
 
 def _peak_memory_mb(device: torch.device) -> float:

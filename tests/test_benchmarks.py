@@ -24,3 +24,14 @@ def test_device_check_goes_through_every_step_on_cpu_at_smoke_sizes(tmp_path):
     assert all(r["img_per_s"] > 0 and r["iters"] == 2 for r in rows["train"])
     assert rows["fid"]["samples"] == 16 and rows["fid"]["projected_50k_fid_min"] > 0
     assert not (tmp_path / "RESULTS.md").exists()  # a smoke run records nothing
+
+
+def test_the_step_time_benchmark_runs_on_the_toy_network():
+    """benchmarks/step_time.py drives the trainer's TrainStep directly: run it (one round, the toy network, no
+    reference checkout) so that a change of the trainer's interfaces cannot break it silently again."""
+    proc = subprocess.run([sys.executable, "benchmarks/step_time.py", "--only", "toy", "--batch-toy", "4", "--steps",
+                           "1", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["network"] == "toy" and row["batch"] == 4 and row["ours"]["step_s"] > 0 and row["noise_floor"] > 0
+    assert "reference" not in row and "no --reference" in proc.stderr

@@ -64,6 +64,18 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTS)
 
 
+WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit grayscale PNG
+
+
+def _to_rgb(img):
+    """An image as 8-bit RGB. A 16-bit grayscale image is scaled to 8 bits (Pillow's own conversion would clip
+    every value above 255 to white)."""
+    if img.mode in WIDE_GRAY:
+        gray = np.round(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return img.convert("RGB")
+
+
 def _decode(data: bytes, name: str, resolution: int, prepared: bool = False) -> np.ndarray:
     """One image file to a (resolution, resolution, 3) array; ``prepared`` ones must already be that."""
     try:
@@ -80,7 +92,7 @@ def _decode(data: bytes, name: str, resolution: int, prepared: bool = False) -> 
                         raise DatasetError(f"image {name} is {w}x{h} {img.mode}, "
                                            f"expected {resolution}x{resolution} RGB")
                     return np.array(img)
-                rgb = img.convert("RGB")
+                rgb = _to_rgb(img)
     except DatasetError:
         raise
     except Exception as exc:  # whatever a malformed file makes a decoder raise, it is a bad input file

@@ -8,7 +8,6 @@ Everything is local (PNG images, inline CSS), so the page reads offline.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import posixpath
@@ -22,12 +21,14 @@ from pathlib import Path
 import yaml
 
 from ect.checkpoint import read_checkpoint
-from ect.claims import claim_record, spread
+from ect.claims import BUDGET, claim_record, spread
 from ect.errors import BadInput
-from ect.fileio import remove_stale_temporaries, sha256_file, write_json_atomic
+from ect.fid import read_curve, read_fid_result, read_reference_check, read_snapshot_fid
+from ect.fileio import read_json, remove_stale_temporaries, sha256_file, write_json_atomic
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.report import plots
-from ect.scaling import read_points
+from ect.scaling import read_fit, read_points
+from ect.train import read_train_log
 from ect.typed import plain
 
 PAGE = "index.html"
@@ -37,17 +38,6 @@ PACKAGES = ["ect-pipeline", "torch", "torchvision", "numpy", "scipy", "clean-fid
 
 class ReportError(BadInput):
     pass
-
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"cannot read {path}: {exc}") from exc
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def _git_commit(root: Path) -> str:
@@ -84,12 +74,12 @@ def collect(spec, config_files: list[str]) -> dict:
     paper = spec.report.paper
     rows = []
     for name, sample_set in SAMPLE_SETS.items():
-        r = _json(Path(layout.fid(name)))
+        r = read_fid_result(layout.fid(name))
         rows.append({"set": name, "label": sample_set.label, "nfe": r["nfe"], "fid_min": r["fid_min"],
                      "fid_mean": r["fid_mean"], "fid_sets": r["fid_sets"],
                      "other_modes": {m: v["fid_min"] for m, v in r.get("modes", {}).items() if m != r["mode"]}})
-    any_fid = _json(Path(layout.fid(next(iter(SAMPLE_SETS)))))
-    curve = _json(Path(layout.curve))
+    any_fid = read_fid_result(layout.fid(next(iter(SAMPLE_SETS))))
+    curve = read_curve(layout.curve)
     checkpoints = {name: {"path": layout.checkpoint(name), "sha256": sha256_file(layout.checkpoint(name))}
                    for name in ("teacher", "tuned")}
     tuned_meta = read_checkpoint(layout.tuned)["meta"]
@@ -99,8 +89,8 @@ def collect(spec, config_files: list[str]) -> dict:
     return {
         **page_header(spec),
         "claims": paper_claims(spec, layout),
-        "budget": _json(Path(layout.budget_fid)) if layout.judges_budget else None,
-        "reference_check": _json(Path(layout.reference_check)) if layout.reference_check else None,
+        "budget": read_json(layout.budget_fid, "budget judgement", BUDGET) if layout.judges_budget else None,
+        "reference_check": read_reference_check(layout.reference_check) if layout.reference_check else None,
         "cost": cost,
         "cost_context": cost_context(spec, tuned_meta),
         "paper": paper,
@@ -144,7 +134,8 @@ def runtimes(spec, layout: RunLayout, teacher_meta: dict, tuned_meta: dict, curv
     rows = _runtime("pretrain", training(teacher_meta)) if spec.teacher.source == "pretrain" else []
     rows += _runtime("tune", training(tuned_meta))
     for name in SAMPLE_SETS:
-        runs = _json(Path(layout.fid(name))).get("runs") or {}
+        runs = read_fid_result(layout.fid(name)).get("runs")
+        runs = runs if type(runs) is dict else {}
         rows += _runtime(f"sample {name}", runs.get("sample")) + _runtime(f"fid {name}", runs.get("fid"))
     return rows + _runtime("fid curve", curve.get("run"))
 
@@ -155,7 +146,8 @@ def downloads_checked(layout: RunLayout) -> list[dict]:
     out = []
     for rule, (path, entry) in layout.downloads.items():
         record = Path(layout.fetch_record(path))
-        fetched = _json(record) if record.exists() else {}
+        fetched = read_json(record, "download record") if record.exists() else {}
+        fetched = fetched if type(fetched) is dict else {}
         how = fetched.get("verified") or "not fetched by this run"
         out.append({"what": rule.removeprefix("fetch_").replace("_", " "), "url": entry.url, "path": path,
                     "sha256": str(fetched.get("sha256", ""))[:64], "how": str(how)[:200]})
@@ -181,7 +173,7 @@ def collect_scaling(spec, config_files: list[str]) -> dict:
     """Everything a scaling study's report shows, from its points and fits."""
     layout = RunLayout(spec)
     steps = [str(n) for n in spec.fid.curve_steps]
-    fits = [_json(Path(layout.scaling_fit(name))) for name in layout.scaling_fit_names(spec.fid.curve_steps)]
+    fits = [read_fit(layout.scaling_fit(name)) for name in layout.scaling_fit_names(spec.fid.curve_steps)]
     grouped: dict[tuple, dict] = {}
     for row in read_points(layout.scaling_points):
         point = grouped.setdefault((row["size"], float(row["kimg"])), {"size": row["size"], "kimg": float(row["kimg"]),
@@ -233,15 +225,15 @@ def paper_claims(spec, layout: RunLayout) -> list[dict]:
     for claim in paper.claims:
         label = SAMPLE_SETS[claim.set].label
         if claim.kimg is None or claim.kimg == spec.tune.kimg:
-            fids, at = _json(Path(layout.fid(claim.set)))["fid_sets"], f"{spec.tune.kimg:g} kimg (the final model)"
+            fids, at = read_fid_result(layout.fid(claim.set))["fid_sets"], f"{spec.tune.kimg:g} kimg (the final model)"
         else:
-            point = _json(Path(layout.snapshot_fid(f"{claim.kimg:g}")))
-            fids, at = point[f"fid_{SAMPLE_SETS[claim.set].steps}step"], f"{claim.kimg:g} kimg (a snapshot)"
+            key = f"fid_{SAMPLE_SETS[claim.set].steps}step"
+            fids, at = read_snapshot_fid(layout.snapshot_fid(f"{claim.kimg:g}"), key)[key], f"{claim.kimg:g} kimg (a snapshot)"
         records.append(claim_record(f"{label}, FID {claim.fid:g} at {at}", claim.fid, _fids(fids, layout), claim.statistic,
                                     claim.source, claim.secondary, set=claim.set,
                                     kimg=claim.kimg or spec.tune.kimg))
     if paper.budget:
-        records.append(budget_record(spec, _json(Path(layout.budget_fid))))
+        records.append(budget_record(spec, read_json(layout.budget_fid, "budget judgement", BUDGET)))
     return records
 
 
@@ -326,7 +318,8 @@ def render(ctx: dict, layout: RunLayout, out: Path) -> None:
             raise ReportError(f"missing sample grid {src}")
         shutil.copyfile(src, out / f"samples-{name}.png")
         grids[name] = f"samples-{name}.png"
-    plots.training_curves({"pretrain": _jsonl(Path(layout.pretrain_log)), "tune": _jsonl(Path(layout.train_log))},
+    logs = {"pretrain": layout.pretrain_log, "tune": layout.train_log}
+    plots.training_curves({name: read_train_log(path) if Path(path).exists() else [] for name, path in logs.items()},
                           out / "training.png")
     plots.fid_curve(ctx["curve_points"], (ctx["cost"]["device"] or {}).get("type"), out / "fid-curve.png")
     (out / PAGE).write_text(env.get_template("report.html.j2").render(
