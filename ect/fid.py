@@ -496,6 +496,26 @@ def plain_budget(budget) -> dict:
     return {k: getattr(budget, k) for k in ("gpu_hours", "device", "fid", "statistic")}
 
 
+def scaling_table(points: list[dict]) -> str:
+    """Scaling points as the CSV `ect scaling-fit` reads: compute (tuning FLOPs), fid, size, steps, set."""
+    rows = ["compute,fid,size,steps,set,kimg"]
+    for point in points:
+        for key, fids in point.items():
+            if key.startswith("fid_"):
+                steps = key[4:-4]
+                rows += [f"{point['flops']},{fid},{point['size']},{steps},{i},{point['kimg']}" for i, fid in
+                         enumerate(fids)]
+    return "\n".join(rows) + "\n"
+
+
+def curve_table(curve: dict) -> str:
+    """The FID curve as CSV, one row per snapshot (DVC plots read it): cost columns, then each step count."""
+    fids = sorted({k for p in curve["points"] for k in p if k.startswith("fid_")})
+    rows = [",".join((*CURVE_COLUMNS, *fids))]
+    rows += [",".join("" if p.get(k) is None else str(p[k]) for k in (*CURVE_COLUMNS, *fids)) for p in curve["points"]]
+    return "\n".join(rows) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading back what the scoring steps wrote: every field a reader uses is checked (ect.fileio.read_json).
 

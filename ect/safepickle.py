@@ -301,7 +301,7 @@ def _op_empty(factory):
 def _tuple_of(r: Reader, items: list) -> tuple:
     r.charge(SLOT_BYTES * len(items) + 64, "a tuple")
     value = tuple(items)
-    depth = 1 + max((r.depth.get(id(item), 0) for item in items if type(item) is tuple), default=0)
+    depth = 1 + max((r.depth.get(id(item), 1) for item in items if type(item) is tuple), default=0)
     if depth > MAX_DEPTH:
         raise PickleRefused(f"{r.format.name}: tuples nested deeper than {MAX_DEPTH}")
     if depth > 1:

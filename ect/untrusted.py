@@ -59,21 +59,28 @@ def limits_for(size: int) -> tuple[int, int]:
 
 def parse(kind: str, path) -> object:
     """Parse an untrusted file of ``kind`` in a limited child process; its result (plain data and tensors)."""
+    return parse_with(READERS[kind], path, MAX_SOURCE_BYTES[kind])
+
+
+def parse_with(reader: tuple[str, str], path, max_bytes: int) -> object:
+    """Run ``module.function(path)`` (``reader``) in a limited child process on a checked source."""
     import torch
 
-    size = check_source(path, MAX_SOURCE_BYTES[kind])
-    _, cpu_seconds = limits_for(size)
+    size = check_source(path, max_bytes)
+    extra_bytes, cpu_seconds = limits_for(size)
     with tempfile.TemporaryDirectory(prefix="ect-untrusted-") as empty:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "ect.untrusted", kind, str(Path(path).resolve())],
+        proc = subprocess.Popen([sys.executable, "-m", "ect.untrusted", *reader, str(Path(path).resolve()),
+                                 str(extra_bytes), str(cpu_seconds)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=empty,
                                 close_fds=True, env=env)
+        deadline = 2 * cpu_seconds + 60
         try:
-            out, err = proc.communicate(timeout=2 * cpu_seconds + 60)
+            out, err = proc.communicate(timeout=deadline)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            raise Refused(f"{path}: refused: parsing it did not finish within {2 * cpu_seconds + 60} s") from None
+            raise Refused(f"{path}: refused: parsing it did not finish within {deadline} s") from None
     if proc.returncode != 0:
         raise Refused(f"{path}: refused: {_why(proc.returncode, err, cpu_seconds)}")
     try:
@@ -98,9 +105,8 @@ def _why(code: int, err: bytes, cpu_seconds: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # The child.
 
-def _limit_self(size: int) -> None:
+def _limit_self(extra: int, cpu_seconds: int) -> None:
     """Limits set before the file is read: address space, CPU time, file writes, open files, core dumps."""
-    extra, cpu_seconds = limits_for(size)
     with open("/proc/self/statm") as f:
         virtual = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     for limit, value in ((resource.RLIMIT_AS, virtual + extra), (resource.RLIMIT_CPU, cpu_seconds),
@@ -115,11 +121,10 @@ def child_main(argv) -> int:
 
     import torch  # imported before the limits: the libraries are not the file's doing
 
-    kind, path = argv
-    module, function = READERS[kind]
+    module, function, path, extra, cpu_seconds = argv
     reader = getattr(importlib.import_module(module), function)
     try:
-        _limit_self(os.stat(path).st_size)
+        _limit_self(int(extra), int(cpu_seconds))
         result = reader(path)
         buf = io.BytesIO()
         torch.save(result, buf)
