@@ -28,7 +28,7 @@ def save_checkpoint(path, arch: dict, state_dict: dict, meta: dict) -> None:
 
 def read_checkpoint(path) -> dict:
     """One of our checkpoints, its zip CRCs verified first (a bit-flipped file is refused, not used)."""
-    verify_zip(path)
+    verify_zip(path, CheckpointError)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt zips / pickles

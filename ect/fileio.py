@@ -156,7 +156,7 @@ def verify_sha256(path, expected: str) -> str:
     return actual
 
 
-def verify_zip(path) -> None:
+def verify_zip(path, error=BadInput) -> None:
     """A zip we wrote (``torch.save``, TorchScript) with every member's CRC checked: a flipped bit or a torn
     write is refused, naming the file, before anything reads it (``torch.load`` does not check them)."""
     import zipfile
@@ -165,9 +165,10 @@ def verify_zip(path) -> None:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as exc:
-        raise BadInput(f"{path}: not a readable checkpoint ({str(exc)[:120]}); rerun the step that made it") from None
+        raise error(f"cannot read checkpoint {path}: not a zip of torch.save ({str(exc)[:120]}); rerun the step that "
+                    "made it") from None
     if damaged is not None:
-        raise BadInput(f"{path}: damaged: its member {damaged[:120]!r} fails its CRC check (a flipped bit or a torn "
+        raise error(f"{path}: damaged: its member {damaged[:120]!r} fails its CRC check (a flipped bit or a torn "
                        "write); rerun the step that made it")
 
 

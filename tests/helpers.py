@@ -372,7 +372,8 @@ def published_stats_like(tarball: bytes, inception: bytes, work) -> tuple[bytes,
 # ---- A loopback HTTP server (127.0.0.1) serving files the tests make, with faults on demand.
 # `/<name>` serves files[name] honouring Range; `/truncate/<name>` always closes the connection halfway;
 # `/flaky/<name>` closes halfway on the first request only; `/stall/<name>` sends half, then stops
-# talking; `/redirect/<name>` redirects to an ftp:// URL. Anything else is a 404. `requests` logs (path,
+# talking; `/redirect/<name>` redirects to an ftp:// URL; `/norange/<name>` ignores Range (200, the whole
+# file); `/badrange/<name>` answers a Range with a 206 of the whole file. Anything else is a 404. `requests` logs (path,
 # Range header).
 
 class LoopbackServer:
@@ -394,12 +395,15 @@ class LoopbackServer:
                     self.send_header("Location", "ftp://127.0.0.1/etc/hostname")
                     self.end_headers()
                     return
-                if data is None or fault not in ("", "truncate", "flaky", "stall"):
+                if data is None or fault not in ("", "truncate", "flaky", "stall", "norange", "badrange"):
                     self.send_error(404, "Not Found")
                     return
                 start = 0
                 m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if m and fault != "truncate":
+                if m and fault == "badrange":  # a 206 of a range that is not the one asked for
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+                elif m and fault not in ("truncate", "norange"):
                     start = int(m[1])
                     if start >= len(data):
                         self.send_error(416, "Range Not Satisfiable")

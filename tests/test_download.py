@@ -138,3 +138,53 @@ def test_fetch_command_records_on_first_use(server, tmp_path):
     proc = subprocess.run([*cmd, "--out", str(tmp_path / "x" / "b.bin"), "--md5", "nothex"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "hexadecimal" in proc.stderr
+
+
+@pytest.mark.parametrize("fault", ["norange", "badrange"])
+def test_a_part_is_resumed_only_when_the_server_honours_the_range(server, tmp_path, fault):
+    """A server that ignores the range (200) or answers another one (a 206 from byte 0) must not have its bytes
+    appended to the part: the download starts again from zero and is still exactly the file."""
+    (tmp_path / "f.bin.part").write_bytes(DATA[:1000])
+    download(f"{server.url}/{fault}/file.bin", tmp_path / "f.bin", sha256=SHA, backoff=0, progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == DATA and leftovers(tmp_path) == ["f.bin"]
+
+
+def test_trust_on_first_use_records_only_bytes_fetched_in_this_call(server, tmp_path):
+    """A part left by an earlier call (here: tampered bytes) is discarded, not resumed and then recorded."""
+    (tmp_path / "f.bin.part").write_bytes(b"\x00" * 1000)
+    result = fetch(f"{server.url}/file.bin", tmp_path / "f.bin", record=tmp_path / "lock.yaml", progress=False)
+    assert result["sha256"] == SHA and (tmp_path / "f.bin").read_bytes() == DATA
+    assert server.requests == [("/file.bin", None)]  # no range: the part was not resumed
+
+
+def test_symlinked_parts_and_outputs_that_are_not_files_are_refused(server, tmp_path):
+    (tmp_path / "elsewhere").write_bytes(b"keep")
+    (tmp_path / "f.bin.part").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DownloadError, match="symlink"):
+        download(f"{server.url}/file.bin", tmp_path / "f.bin", sha256=SHA, progress=False)
+    assert (tmp_path / "elsewhere").read_bytes() == b"keep"
+    (tmp_path / "dir.bin").mkdir()
+    with pytest.raises(DownloadError, match="not a regular file"):
+        download(f"{server.url}/file.bin", tmp_path / "dir.bin", sha256=SHA, progress=False)
+    assert server.requests == []
+
+
+def test_every_fetch_has_an_overall_deadline(server, tmp_path):
+    with pytest.raises(DownloadError, match="did not finish"):
+        download(f"{server.url}/stall/file.bin", tmp_path / "f.bin", sha256=SHA, timeout=0.5, backoff=0.3,
+                 deadline_s=1.0, progress=False)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("a: &x {sha256: x}\nb: *x\n", "aliases"),
+    ("http://h/f: {sha256: " + "0" * 64 + "}\nhttp://h/f: {sha256: " + "1" * 64 + "}\n", "appears twice"),
+    ("http://h/f: {sha256: 12}\n", "malformed entry"),
+    ("http://h/f: {sha256: " + "0" * 64 + ", size: -1}\n", "malformed entry"),
+    ("file:///etc/passwd: {sha256: " + "0" * 64 + "}\n", "malformed entry"),
+    ("[1, 2]\n", "not a mapping"),
+])
+def test_the_checksum_record_is_read_like_any_untrusted_yaml(server, tmp_path, text, why):
+    (tmp_path / "lock.yaml").write_text(text)
+    with pytest.raises(DownloadError, match=why):
+        fetch(f"{server.url}/file.bin", tmp_path / "f.bin", record=tmp_path / "lock.yaml", progress=False)
+    assert not (tmp_path / "f.bin").exists()

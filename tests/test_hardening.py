@@ -322,3 +322,75 @@ def test_edm2_checkpoints_with_nan_weights_or_heads_that_do_not_divide_are_refus
     assert not (tmp_path / "nan.pt").exists()
     with pytest.raises(ArchError, match="channels_per_head 5 must divide"):
         check_arch({"kind": "edm2", **{**kwargs, "channels_per_head": 5}})
+
+
+# ---- bugs are not bad input; runs always resume; a step's outputs are all or nothing
+
+def test_a_bug_prints_its_traceback_and_exits_1_while_bad_input_is_one_line(tmp_path, capsys):
+    """A RuntimeError from anywhere (torch, NCCL) is a bug to report, not the user's file: it propagates (Python
+    prints its traceback and exits 1), where our own errors are one line and exit 2; CUDA running out of memory is
+    one line naming batch_gpu, exit 1."""
+    import ect.cli as cli
+
+    step = next(s for s in cli.STEPS if s.name == "merge-samples")
+    argv = ["merge-samples", str(tmp_path / "o.npz"), str(tmp_path / "i.npz")]
+
+    def raising(exc):
+        def run(args):
+            raise exc
+        return run
+
+    try:
+        object.__setattr__(step, "run", raising(RuntimeError("a bug inside the library")))  # the table is frozen
+        with pytest.raises(RuntimeError, match="a bug inside"):
+            cli.main(argv)
+        object.__setattr__(step, "run", raising(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried 2 GiB")))
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "batch_gpu" in err[0]
+    finally:
+        object.__setattr__(step, "run", cli.run_merge_samples)
+    assert cli.main(argv) == 2  # a missing input: bad input, one line
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_resumed_run_cuts_a_torn_log_line_and_refuses_a_broken_state(tmp_path):
+    data, teacher = tmp_path / "d.npz", make_teacher(tmp_path / "t.pt")
+    make_dataset(data)
+    config = write_config(tmp_path / "c.yaml", tune={"kimg": 0.16, "state_kimg": 0.04})
+    args = ["tune", "--config", config, "--data", data, "--teacher", teacher, "--state-dir", tmp_path / "st", "--out",
+            tmp_path / "o.pt", "--no-progress"]
+    run_ect(*args)
+    log = tmp_path / "st" / "log.jsonl"
+    log.write_text(log.read_text() + '{"iteration": 3, "lo')  # a writer killed mid-line
+    state = torch.load(tmp_path / "st" / "state.pt", weights_only=True)
+    state["iteration"] = 10  # an earlier state: the run resumes from it and rewrites the log
+    torch.save(state, tmp_path / "st" / "state.pt")
+    proc = run_ect(*args)
+    assert "cut 1 line(s)" in proc.stderr and all(line.endswith("}") for line in log.read_text().splitlines())
+    for change, why in ((lambda s: s.pop("optimizer"), "optimizer"), (lambda s: s.update(iteration=-1), "iteration"),
+                        (lambda s: s.update(config_digest="0" * 16), "different configuration")):
+        broken = dict(state)
+        change(broken)
+        torch.save(broken, tmp_path / "st" / "state.pt")
+        proc = run_ect(*args, check=False)
+        refused(proc, str(tmp_path / "st" / "state.pt"), why)
+        assert f"delete {tmp_path / 'st'} to start over" in proc.stderr
+
+
+def test_a_step_that_fails_removes_the_outputs_it_wrote(tmp_path, teacher):
+    """`ect sample` writes the samples, then the grid: when the grid cannot be written, the samples go too."""
+    (tmp_path / "file").write_text("a regular file")
+    proc = run_ect("sample", "--checkpoint", teacher, "--seeds", "0-3", "--out", tmp_path / "s.npz", "--grid",
+                   tmp_path / "file" / "grid.png", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "s.npz").exists()
+    proc = run_ect("sample", "--checkpoint", teacher, "--seeds", "0-3", "--out", teacher, check=False)
+    refused(proc, "is also an input of this step")
+    assert teacher.stat().st_size > 0
+
+
+def test_a_scaling_table_with_a_byte_order_mark_reads(tmp_path):
+    from ect.scaling import read_points
+
+    (tmp_path / "p.csv").write_bytes("\ufeffcompute,fid\n1,3\n2,2\n4,1\n".encode())
+    assert [r["compute"] for r in read_points(tmp_path / "p.csv")] == [1.0, 2.0, 4.0]

@@ -331,3 +331,18 @@ def test_links_out_of_the_source_folder_are_not_followed(tree, tmp_path):
     (root / "n01000000" / "stolen.JPEG").symlink_to(outside / "stolen.JPEG")
     x, _ = read_imagenet(root, expected_count=6, progress=False)  # the two links add nothing
     assert len(x) == 6
+
+
+def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    """Pillow's own conversion of a 16-bit image clips every value above 255; the reader scales 0..65535 to
+    0..255 (65535 / 257 = 255), so a mid-gray 16-bit image stays mid-gray."""
+    from ect.data.imagenet import _decode
+
+    wide = np.full((80, 80), 32896, dtype=np.uint16)  # 128 * 257
+    wide[0, 0] = 65535
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    out = _decode(buf.getvalue(), "gray16.png", 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert abs(int(out[32, 32, 0]) - 128) <= 1 and (out[..., 0] == out[..., 2]).all()
