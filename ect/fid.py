@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ect.errors import BadInput
 from ect.fileio import is_number, is_numbers, read_json, sha256_file, verify_sha256, verify_zip, write_bytes_atomic
 from ect.layout import snapshot_name
+from ect.safepickle import NUMPY_ARRAY_GLOBALS, Format, arrays, load, read_file_limited
 from ect.spec import FID_MODES as MODES
 from ect.spec import INCEPTION_FILE
 
@@ -317,17 +318,46 @@ def merge_reference_shards(paths, out) -> dict:
 REFERENCE_MATCH = 0.01  # a Frechet distance between two computations of one dataset's statistics that passes
 
 
-def read_published_stats(path) -> tuple[np.ndarray, np.ndarray]:
-    """Reference statistics a paper's authors published: EDM's .npz (mu, sigma), checked (finite float arrays of
+PUBLISHED_METRICS = {"legacy_tensorflow": "fid", "clean": "fid", "fd_dinov2": "fd_dinov2"}  # our name -> EDM2's
+EDM2_REFERENCE = Format("EDM2's published statistics", NUMPY_ARRAY_GLOBALS)
+
+
+def parse_edm2_reference(path) -> dict:
+    """In the parsing child (ect/untrusted.py): EDM2's dataset-refs pickle, {metric: {mu, sigma}} of numpy arrays,
+    read by the strict reader with numpy's array reconstruction as its only globals."""
+    stats = arrays(load(read_file_limited(path, 1 << 30), EDM2_REFERENCE))
+    if type(stats) is not dict or not stats:
+        raise FIDError(f"{path} is not EDM2's statistics (a dict of metrics)")
+    out = {}
+    for metric, entry in stats.items():
+        if type(metric) is not str or type(entry) is not dict or not all(isinstance(entry.get(k), np.ndarray)
+                                                                         for k in ("mu", "sigma")):
+            raise FIDError(f"{path}: metric {str(metric)[:40]!r} is not a dict of mu and sigma arrays")
+        out[metric] = {k: torch.from_numpy(np.array(entry[k], dtype=np.float64)) for k in ("mu", "sigma")}
+    return out
+
+
+def read_published_stats(path, mode: str = "legacy_tensorflow") -> tuple[np.ndarray, np.ndarray]:
+    """Reference statistics a paper's authors published for ``mode``'s feature network: EDM's .npz (mu, sigma) or
+    EDM2's .pkl (a pickle: parsed by the strict reader in a limited child), checked (finite float arrays of
     matching shapes, a square covariance)."""
+    from ect.untrusted import parse
+
     path = Path(path)
-    if path.suffix != ".npz":
-        raise FIDError(f"published reference statistics {path}: only EDM's .npz format (mu, sigma) is read")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            mu, sigma = f["mu"], f["sigma"]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FIDError(f"cannot read published reference statistics {path}: {str(exc)[:200]}") from None
+    if path.suffix == ".pkl":
+        metric = PUBLISHED_METRICS[mode]
+        stats = parse("edm2-reference", path)
+        if metric not in stats:
+            raise FIDError(f"published reference statistics {path} have no {metric!r} statistics")
+        mu, sigma = stats[metric]["mu"].numpy(), stats[metric]["sigma"].numpy()
+    elif path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                mu, sigma = f["mu"], f["sigma"]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise FIDError(f"cannot read published reference statistics {path}: {str(exc)[:200]}") from None
+    else:
+        raise FIDError(f"published reference statistics {path}: EDM's .npz or EDM2's .pkl, not {path.suffix!r}")
     if not (mu.ndim == 1 and sigma.shape == (len(mu), len(mu)) and 0 < len(mu) <= 65536
             and np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)
             and np.isfinite(mu).all() and np.isfinite(sigma).all()):
@@ -342,7 +372,7 @@ def compare_reference(ours_path, theirs_path, mode: str) -> dict:
     ours, meta = load_stats(ours_path)
     if mode not in ours:
         raise FIDError(f"reference statistics {ours_path} have no {mode!r} statistics")
-    mu, sigma = read_published_stats(theirs_path)
+    mu, sigma = read_published_stats(theirs_path, mode)
     if ours[mode][0].shape != mu.shape:
         raise FIDError(f"{theirs_path} has {mu.shape[0]}-d features, {ours_path} {ours[mode][0].shape[0]}-d: not the "
                        "same feature network")

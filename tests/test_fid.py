@@ -164,3 +164,29 @@ def test_reference_statistics_in_shards_merge_to_the_whole_and_refuse_a_bad_set(
         assert not (tmp_path / "x.npz").exists()
     proc = run_ect("fid-stats", *args, "--shard", "3/3", "--out", tmp_path / "x.npz", check=False)
     assert proc.returncode == 2 and "0 <= I < N" in proc.stderr
+
+
+def test_published_statistics_are_read_from_edm_npz_and_edm2_pickles_and_compared(tmp_path):
+    """EDM publishes .npz (mu, sigma), EDM2 a pickle of {metric: {mu, sigma}} (read by the strict reader in a
+    limited child: numpy's array reconstruction is its only global). The check is their Frechet distance to ours."""
+    import pickle
+
+    from ect.fid import compare_reference, save_stats
+    from ect.untrusted import Refused
+
+    rng = np.random.default_rng(0)
+    mu, a = rng.normal(size=8), rng.normal(size=(8, 8))
+    sigma = a @ a.T
+    save_stats(tmp_path / "ours.npz", {"legacy_tensorflow": (mu, sigma)}, {"images": 10})
+    np.savez(tmp_path / "edm.npz", mu=mu, sigma=sigma)
+    (tmp_path / "edm2.pkl").write_bytes(pickle.dumps({"fid": {"mu": mu, "sigma": sigma},
+                                                      "fd_dinov2": {"mu": mu[:4], "sigma": sigma[:4, :4]}}, protocol=4))
+    for theirs in ("edm.npz", "edm2.pkl"):
+        check = compare_reference(tmp_path / "ours.npz", tmp_path / theirs, "legacy_tensorflow")
+        assert check["pass"] and check["frechet_distance"] < 1e-9
+    (tmp_path / "shifted.pkl").write_bytes(pickle.dumps({"fid": {"mu": mu + 1, "sigma": sigma}}, protocol=4))
+    check = compare_reference(tmp_path / "ours.npz", tmp_path / "shifted.pkl", "legacy_tensorflow")
+    assert not check["pass"] and abs(check["frechet_distance"] - 8.0) < 1e-6  # |mu shift|^2 = 8
+    (tmp_path / "evil.pkl").write_bytes(b"\x80\x02cposix\nsystem\n\x8c\x02id\x85R.")
+    with pytest.raises(Refused, match="refusing to load global 'posix.system'"):
+        compare_reference(tmp_path / "ours.npz", tmp_path / "evil.pkl", "legacy_tensorflow")
