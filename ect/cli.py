@@ -330,12 +330,14 @@ def run_scaling_fit(args) -> int:
     from ect.fileio import write_json_atomic
     from ect.scaling import fit_file
 
-    result = fit_file(args.points, steps=args.steps, size=args.size, use_frontier=args.frontier)
+    result = fit_file(args.points, steps=args.steps, size=args.size, use_frontier=args.frontier, axis=args.axis,
+                      design=args.design, budget_kimg=args.budget_kimg)
     write_json_atomic(args.out, result)
-    lo, hi = result["exponent_ci95"]
-    say(f"fid = {result['coefficient']:.4g} * compute^-{result['exponent']:.4f} (95% interval {lo:.4f}..{hi:.4f}, "
-        f"r2 {result['r2']:.3f}, {result['n_points']} points; held-out error {result['holdout']['rel_error']:+.1%})"
-        f" -> {args.out}")
+    x = "params" if args.axis == "size" else "compute"
+    interval = "{:.4f}..{:.4f}".format(*result["exponent_ci95"]) if result["exponent_ci95"] else "none"
+    say(f"fid = {result['coefficient']:.4g} * {x}^-{result['exponent']:.4f} (95% interval {interval}, "
+        f"r2 {result['r2']:.3f}, {result['n_points']} points; held-out error {result['holdout']['rel_error']:+.1%}); "
+        f"preferred: {result['preferred']}; the data support {result['supports']} -> {args.out}")
     return 0
 
 
@@ -531,12 +533,19 @@ def _scaling_points_args(p):
 
 
 def _scaling_fit_args(p):
-    p.add_argument("points", help="CSV with columns compute, fid (optional: size, steps, set; a row per FID set)")
+    p.add_argument("points", help="CSV with columns compute, fid (optional: size, steps, set, kimg, run, design, "
+                                  "params, flops_per_iteration, metric; a row per FID set)")
     p.add_argument("--out", required=True, help="the fit, as JSON")
     p.add_argument("--steps", help="only the rows of this step count")
     p.add_argument("--size", help="only the rows of this model size")
+    p.add_argument("--design", choices=("prefix", "batch"), help="only the points of this design")
     p.add_argument("--frontier", action="store_true",
                    help="fit the compute frontier: the points no cheaper point (of any size) beats")
+    p.add_argument("--axis", choices=("compute", "size"), default="compute",
+                   help="compute: the metric against tuning FLOPs; size: against parameters (and FLOPs per "
+                        "iteration) at one budget")
+    p.add_argument("--budget-kimg", type=float,
+                   help="the size axis's budget (default: the largest every size reaches)")
 
 
 RESUME_HELP = (" Resumable: rerun the same command to continue. Exit 75 when stopped by SIGTERM/SIGUSR1 after "
@@ -634,11 +643,14 @@ STEPS = [
          "One row per FID set: compute (the snapshot's tuning FLOPs, the teacher's pretraining not counted), fid, "
          "size, steps, set, kimg.", _scaling_points_args, run_scaling_points,
          inputs=('points',), outputs=('out',)),
-    Step("scaling-fit", "fit fid = coefficient * compute^-exponent to points (least squares in log-log)",
-         "Fit a power law of FID against compute by least squares in log-log space, with a 95%% bootstrap interval "
-         "of the exponent (over points and FID sets), r2 in log space, and a held-out check (fit without the "
-         "largest-compute point, predict it). Non-positive or non-finite values, fewer than 3 points or a missing "
-         "column are errors.", _scaling_fit_args, run_scaling_fit,
+    Step("scaling-fit", "fit power laws (pure and with a floor) of FID and FD_DINOv2 to scaling points",
+         "Fit fid = coefficient * x^-exponent (least squares in log-log space) and fid = coefficient * x^-exponent + "
+         "floor ('saturating'), x being tuning FLOPs (--axis compute) or parameters and FLOPs per iteration at one "
+         "budget (--axis size). Each form gets a 95%% bootstrap interval of its exponent (redrawing the runs and FID "
+         "sets of every point, the frontier reselected each time) and a held-out check (fit without the largest-x "
+         "point, predict it); 'preferred' is the form with the smaller held-out error, 'supports' says what the "
+         "data support. FD_DINOv2 rows are fitted alike under the key fd_dinov2. Non-positive or non-finite "
+         "values, fewer than 3 points or a missing column are errors.", _scaling_fit_args, run_scaling_fit,
          inputs=('points',), outputs=('out',)),
     Step("report", "the run's HTML report (FID table, grids, curves, protocol, provenance)",
          "Render the report of one run with Jinja2 from the run's files (their paths come from the config's run "

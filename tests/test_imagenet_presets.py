@@ -34,7 +34,7 @@ def test_each_imagenet_preset_plans_the_whole_chain_with_its_gpu_hours(size):
     shards = cfg["fid"]["reference_shards"]
     assert planned(out) == {"dataset": 1, "fetch_feature_net": 1, "fetch_teacher": 1, "fid_reference_shard": shards,
                             "fid_reference": 1, "teacher": 1, "tune": 1, "sample": 4, "fid": 4, "fid_curve": 1,
-                            "report": 1, "all": 1}
+                            "fetch_published_reference": 1, "reference_check": 1, "report": 1, "all": 1}
     res = cfg["resources"]
     hours = gpu_hours(out)
     assert hours["tune"] == pytest.approx(res["tune"]["gpu"] * res["tune"]["runtime"] / 60)

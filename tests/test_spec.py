@@ -28,8 +28,8 @@ from tests.helpers import ROOT
 
 # Presets in which every section exists: a key is tried in the first whose data has its parent.
 BASES = ["config", "toy-scaling", "cifar10", "imagenet64-scaling"]
-PAPER = {"source": "s", "fid_1step": 1.0, "fid_2step": 1.0, "fid_teacher_heun": 1.0, "protocol": "p",
-         "statement": "s", "budget": {"gpu_hours": 1, "device": "A100"}}
+PAPER = {"source": "s", "claims": [{"set": "ect-2step", "fid": 1.0, "source": "s"}], "protocol": "p",
+         "statement": "s", "budget": {"gpu_hours": 1, "device": "A100", "fid": 1.0, "source": "s"}}
 
 
 def leaf_paths(cls, prefix=""):
@@ -213,6 +213,6 @@ def test_a_steps_values_change_only_with_what_it_reads():
     a = load_spec(ROOT / "config/config.yaml")
     b = dataclasses.replace(a, sample=dataclasses.replace(a.sample, t_mid=(0.5,)))
     changed = {step for step in STEP_READS if step_values(a, step) != step_values(b, step)}
-    assert changed == {"sample", "fid_curve", "scaling_point", "report"}
+    assert changed == {"sample", "fid_curve", "fid_snapshot", "fid_budget", "scaling_point", "report"}
     c = dataclasses.replace(a, tune=dataclasses.replace(a.tune, tick_kimg=0.5, state_kimg=0.5))
     assert {step for step in STEP_READS if step_values(a, step) != step_values(c, step)} == {"report"}
