@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ect.fid import FeatureExtractor, compute_features
 from ect.loss import ect_loss
+from ect.metrics.features import FeatureExtractor, compute_features
 from ect.networks import build_network, count_parameters
 from ect.sample import generate
 from ect.spec import ECTLoss

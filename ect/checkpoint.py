@@ -13,6 +13,7 @@ import torch
 from ect.errors import BadInput
 from ect.fileio import verify_zip, write_bytes_atomic
 from ect.networks import ArchError, Precond, build_network, parameter_shapes
+from ect.weights import bytes_beyond_held, nonfinite_weight
 
 
 class CheckpointError(BadInput):
@@ -43,9 +44,9 @@ def read_checkpoint(path) -> dict:
 
 
 def check_weights(arch: dict, state_dict: dict, where="checkpoint") -> None:
-    """Every weight the network ``arch`` describes is in ``state_dict`` with its shape, and none is left
-    over; checked on shapes alone, before a network is built (a file cannot make us allocate more than
-    it holds)."""
+    """Every weight the network ``arch`` describes is in ``state_dict`` with its shape, none is left over,
+    and the file holds the bytes the weights claim: checked before a network is built (a file cannot make
+    us allocate more than it holds, ect/weights.py)."""
     try:
         shapes = parameter_shapes(arch)
     except (ArchError, TypeError, ValueError, RuntimeError) as exc:
@@ -57,6 +58,10 @@ def check_weights(arch: dict, state_dict: dict, where="checkpoint") -> None:
     for name, shape in shapes.items():
         if tuple(state_dict[name].shape) != shape:
             raise CheckpointError(f"{where}: {name} has shape {tuple(state_dict[name].shape)}, the network's is {shape}")
+    beyond = bytes_beyond_held(state_dict)
+    if beyond:
+        raise CheckpointError(f"{where}: its weights claim {beyond[0]:,} bytes but the file holds {beyond[1]:,} "
+                              "(overlapping views of one storage): refusing to build a network that large")
 
 
 def load_state_by_name(net: torch.nn.Module, source: dict, allow_missing: bool = False) -> list[str]:
@@ -75,11 +80,6 @@ def load_state_by_name(net: torch.nn.Module, source: dict, allow_missing: bool =
                                   f"network {tuple(target[name].shape)}")
     net.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
     return sorted(set(source) - set(target))
-
-
-def nonfinite_weight(state_dict: dict) -> str | None:
-    """The name of the first floating-point tensor holding NaN or infinity, or None."""
-    return next((name for name, t in state_dict.items() if t.is_floating_point() and not t.isfinite().all()), None)
 
 
 def load_network(path, device="cpu", **arch_overrides) -> Precond:

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ect.errors import BadInput, printable
+
 EPILOG = "Run 'ect <step> --help' for the options of one step."
 
 
@@ -24,6 +26,16 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:40]!r}") from None
+    if not 0 < value < 1e9:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text[:40]}")
     return value
 
 
@@ -50,9 +62,10 @@ def device_args(p) -> None:
 
 
 def feature_args(p, scoring=True) -> None:
-    """The feature network; for scoring steps also the reference statistics and the JSON result."""
+    """The feature networks; for scoring steps also the reference statistics and the JSON result."""
     p.add_argument("--feature-net", required=True,
                    help="TorchScript feature network (.pt); checked against its pinned sha256 when there is one")
+    p.add_argument("--dinov2", help="DINOv2 ViT weights (.pth) to score FD_DINOv2 as well (config: fid.dinov2)")
     if scoring:
         p.add_argument("--ref", required=True, help="reference statistics from 'ect fid-stats'")
         p.add_argument("--out", required=True, help="result .json")
@@ -90,11 +103,37 @@ def setup_device(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise BadInput(f"--device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise BadInput(f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if device.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {args.device}: 'auto', 'cpu' or 'cuda[:N]'")
+    return device
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr)
+    """One line to stderr, control characters escaped (a message may name a file or echo a server)."""
+    print(printable(message), file=sys.stderr)
+
+
+class ControlEscaping:
+    """A text stream that escapes terminal control characters (escape sequences, bells) in everything written to
+    it, keeping newlines, carriage returns (progress bars) and tabs: whatever a library prints, a file name or a
+    server's words cannot drive the terminal."""
+
+    KEEP = "\n\r\t"
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write("".join(c if c in self.KEEP or c.isprintable() else repr(c)[1:-1] for c in text))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,14 +158,15 @@ def run_prepare_data(args) -> int:
 
 def run_fetch(args) -> int:
     from ect.download import fetch
+    from ect.fileio import write_json_atomic
+
+    def write_provenance(result: dict) -> None:  # before the record is updated: a failure here changes nothing
+        if args.provenance:
+            write_json_atomic(args.provenance, {"url": args.url, **result})
 
     result = fetch(args.url, args.out, md5=args.md5, sha256=args.sha256, record=args.record, size=args.size,
                    timeout=args.timeout, retries=args.retries, deadline_s=args.deadline, progress=not args.no_progress,
-                   allow_unverified=args.unverified, max_bytes=args.max_bytes)
-    if args.provenance:
-        from ect.fileio import write_json_atomic
-
-        write_json_atomic(args.provenance, {"url": args.url, **result})
+                   allow_unverified=args.unverified, max_bytes=args.max_bytes, before_recording=write_provenance)
     say(f"wrote {args.out} ({result['size']} bytes, sha256 {result['sha256']}, md5 {result['md5']}; "
         f"{result['verified']})")
     if result["verified"] == "unverified" or (result["verified"] == "pinned" and not args.sha256):
@@ -200,7 +240,7 @@ def run_merge_samples(args) -> int:
 
 def run_feature_net(args) -> int:
     from ect.data import load_dataset
-    from ect.feature_net import train_feature_net
+    from ect.metrics.digits import train_feature_net
 
     net = settings_of(args, "feature_net").fid.feature_net
     images, labels = load_dataset(args.data)
@@ -214,7 +254,8 @@ def run_fid_stats(args) -> int:
     from ect.fid import reference_statistics
 
     meta = reference_statistics(args.data, args.feature_net, args.kind, args.sha256, args.modes, args.batch,
-                                setup_device(args), args.out, progress=not args.no_progress, shard=args.shard)
+                                setup_device(args), args.out, progress=not args.no_progress, shard=args.shard,
+                                dinov2=args.dinov2, dinov2_sha256=args.dinov2_sha256)
     what = f"shard {args.shard[0]} of {args.shard[1]} of" if args.shard else "reference statistics of"
     say(f"wrote {what} {meta['images']} images ({', '.join(meta['modes'])}) to {args.out}")
     return 0
@@ -243,7 +284,7 @@ def run_fid(args) -> int:
     from ect.fid import score_samples
     from ect.fileio import write_json_atomic
 
-    result = score_samples(settings_of(args, "fid"), args.samples, args.ref, args.feature_net, setup_device(args),
+    result = score_samples(settings_of(args, "fid"), args.samples, args.ref, feature_files(args), setup_device(args),
                            progress=not args.no_progress)
     write_json_atomic(args.out, result)
     say(f"FID ({result['mode']}) {result['fid_min']:.3f} (min of {result['sets']}), {result['fid_mean']:.3f} "
@@ -255,7 +296,7 @@ def run_fid_curve(args) -> int:
     from ect.fid import curve_table, fid_curve
     from ect.fileio import write_json_atomic, write_text_atomic
 
-    curve = fid_curve(settings_of(args, "fid_curve"), args.snapshots, args.ref, args.feature_net, setup_device(args),
+    curve = fid_curve(settings_of(args, "fid_curve"), args.snapshots, args.ref, feature_files(args), setup_device(args),
                       progress=not args.no_progress, dataset=args.dataset)
     write_json_atomic(args.out, curve)
     if args.table:
@@ -279,7 +320,7 @@ def run_fid_snapshot(args) -> int:
     from ect.fid import fid_snapshot
     from ect.fileio import write_json_atomic
 
-    result = fid_snapshot(settings_of(args, "fid_snapshot"), args.snapshots, args.kimg, args.ref, args.feature_net,
+    result = fid_snapshot(settings_of(args, "fid_snapshot"), args.snapshots, args.kimg, args.ref, feature_files(args),
                           setup_device(args), dataset=args.dataset)
     write_json_atomic(args.out, result)
     say(f"scored the snapshot at {args.kimg:g} kimg ({result['sets']} sets of {result['samples']}) -> {args.out}")
@@ -290,7 +331,7 @@ def run_fid_budget(args) -> int:
     from ect.fid import fid_budget
     from ect.fileio import write_json_atomic
 
-    result = fid_budget(settings_of(args, "fid_budget"), args.curve, args.snapshots, args.ref, args.feature_net,
+    result = fid_budget(settings_of(args, "fid_budget"), args.curve, args.snapshots, args.ref, feature_files(args),
                         setup_device(args), dataset=args.dataset)
     write_json_atomic(args.out, result)
     say(f"budget claim: {result['verdict']} ({result['text']}) -> {args.out}")
@@ -308,7 +349,7 @@ def run_scaling_point(args) -> int:
     from ect.fid import scaling_point
     from ect.fileio import write_json_atomic
 
-    point = scaling_point(settings_of(args, "scaling_point"), args.snapshots, args.kimg, args.size, args.ref, args.feature_net,
+    point = scaling_point(settings_of(args, "scaling_point"), args.snapshots, args.kimg, args.size, args.ref, feature_files(args),
                           setup_device(args), dataset=args.dataset)
     write_json_atomic(args.out, point)
     say(f"size {args.size} at {args.kimg:g} kimg: " + ", ".join(
@@ -353,6 +394,7 @@ class Step:
     run: Callable[[argparse.Namespace], int]
     inputs: tuple = ()  # the arguments that name files it reads
     outputs: tuple = ()  # the arguments that name files it writes: all or none of them, never over an input
+    updates: tuple = ()  # files it reads and rewrites in place, last and atomically: never an input or output
 
 
 def _convert_edm_args(p):
@@ -392,9 +434,9 @@ def _fetch_args(p):
                    help=f"refuse a file larger than this (default {MAX_BYTES})")
     p.add_argument("--unverified", action="store_true",
                    help="download without any checksum (by hand; prints the sha256 to pin; the pipeline never passes it)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a read may stall before a retry (default 60)")
+    p.add_argument("--timeout", type=positive_seconds, default=60.0, help="seconds a read may stall before a retry (default 60)")
     p.add_argument("--retries", type=non_negative_int, default=3)
-    p.add_argument("--deadline", type=float, default=DEADLINE_S,
+    p.add_argument("--deadline", type=positive_seconds, default=DEADLINE_S,
                    help=f"seconds the whole fetch may take, resumes included (default {DEADLINE_S:g}); a fetch past it "
                         "stops and keeps its partial file for the next call")
     p.add_argument("--no-progress", action="store_true")
@@ -442,8 +484,15 @@ def _feature_net_args(p):
     threads_arg(p)
 
 
+def feature_files(args):
+    """The feature networks a scoring step was given."""
+    from ect.fid import FeatureFiles
+
+    return FeatureFiles(args.feature_net, args.dinov2)
+
+
 def _fid_stats_args(p):
-    from ect.fid import MODES
+    from ect.metrics import FID_MODES as MODES
 
     p.add_argument("--data", required=True, help="dataset .npz")
     p.add_argument("--out", required=True, help="statistics .npz (mu_<mode>, sigma_<mode>, meta)")
@@ -451,6 +500,7 @@ def _fid_stats_args(p):
     p.add_argument("--kind", required=True, choices=["digits-classifier", "inception"],
                    help="the feature network (config: fid.feature_net.kind)")
     p.add_argument("--sha256", help="expected sha256 of --feature-net (config: fid.feature_net.sha256)")
+    p.add_argument("--dinov2-sha256", help="expected sha256 of --dinov2 (config: fid.dinov2.sha256)")
     p.add_argument("--modes", required=True, nargs="+", choices=list(MODES), metavar="MODE",
                    help=f"clean-fid modes, {' or '.join(MODES)} (config: fid.modes)")
     p.add_argument("--batch", type=positive_int, default=250, help="images per forward pass (default 250)")
@@ -483,7 +533,7 @@ def _fid_curve_args(p):
 
 
 def _reference_check_args(p):
-    from ect.fid import MODES
+    from ect.metrics import FID_MODES as MODES
 
     p.add_argument("--ours", required=True, help="our reference statistics (from 'ect fid-stats')")
     p.add_argument("--theirs", required=True, help="the published statistics (EDM's .npz with mu and sigma)")
@@ -572,7 +622,7 @@ STEPS = [
          "against it). Resumes (HTTP Range) after a dropped or stalled connection; a full disk, a mismatch or a "
          "file over its size limit leaves no output. Run on a machine with internet (a login node); 'snakemake "
          "prefetch' runs every download of a preset.", _fetch_args, run_fetch,
-         inputs=(), outputs=('out', 'provenance')),
+         inputs=(), outputs=('out', 'provenance'), updates=('record',)),
     Step("pretrain", "train a small EDM teacher with EDM's loss (toy presets)",
          "Train an EDM-preconditioned network from scratch with EDM's denoising loss. Options come from the config's "
          "'pretrain' section." + RESUME_HELP, lambda p: train_args(p, with_teacher=False), run_train,
@@ -602,7 +652,7 @@ STEPS = [
          ".npz. Takes the feature network's settings rather than a config, so that presets sharing a dataset share "
          "its statistics. Features are accumulated as float64 moments a batch at a time; --shard computes one slice's "
          "moments so that a large dataset splits across jobs.", _fid_stats_args, run_fid_stats,
-         inputs=('data', 'feature_net'), outputs=('out',)),
+         inputs=('data', 'feature_net', 'dinov2'), outputs=('out',)),
     Step("fid-stats-merge", "merge the shards of 'fid-stats --shard' into reference statistics",
          "Add up the feature moments of shards 0..N-1 of one dataset and feature network (each exactly once; "
          "anything else is refused) and write the mean and unbiased covariance.", _fid_stats_merge_args,
@@ -612,12 +662,12 @@ STEPS = [
          "Split the samples (ordered by seed) into the config's sample.sets equal sets, compute the FID of each "
          "against the reference in every fid.modes, and write min, mean and every value as JSON (the first mode is "
          "the headline). The samples must match the reference's resolution.", _fid_args, run_fid,
-         inputs=('config', 'samples', 'ref', 'feature_net'), outputs=('out',)),
+         inputs=('config', 'samples', 'ref', 'feature_net', 'dinov2'), outputs=('out',)),
     Step("fid-curve", "FID of every training snapshot (FID against training budget)",
          "Sample every snapshot in a directory with the consistency sampler (fid.curve_steps steps, seeds "
          "0..fid.curve_samples-1) and score it against the reference; one JSON with a point per snapshot.",
          _fid_curve_args, run_fid_curve,
-         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dataset'), outputs=('out', 'table')),
+         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dinov2', 'dataset'), outputs=('out', 'table')),
     Step("reference-check", "compare our reference statistics with the published ones (Frechet distance)",
          "The Frechet distance between our reference statistics of the dataset and those its authors published "
          "(EDM's fid-refs): below 0.01 our data and preprocessing match theirs; above, the report shows a warning. "
@@ -627,18 +677,18 @@ STEPS = [
          "Score the snapshot at --kimg as the final model is scored: sample.sets sets of sample.samples_per_set at "
          "each of fid.curve_steps consistency steps, against the reference; with its cost from its meta.",
          _fid_snapshot_args, run_fid_snapshot,
-         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dataset'), outputs=('out',)),
+         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dinov2', 'dataset'), outputs=('out',)),
     Step("fid-budget", "judge a compute-budget claim (FID F within H GPU-hours) from the tuning snapshots",
          "Read the FID curve, score the snapshots near the crossing of report.paper.budget.fid and the best within "
          "its GPU-hours with the full protocol, and write time-to-FID, the best FID within the budget and the verdict "
          "(reproduced, short, or unjudged on another device than the one the claim names).", _fid_budget_args,
          run_fid_budget,
-         inputs=('config', 'curve', 'snapshots', 'ref', 'feature_net', 'dataset'), outputs=('out',)),
+         inputs=('config', 'curve', 'snapshots', 'ref', 'feature_net', 'dinov2', 'dataset'), outputs=('out',)),
     Step("scaling-point", "one point of a scaling study: FID sets of a size's snapshot at a budget",
          "Score the snapshot of a size's tuning run at --kimg: scaling.sets sets of scaling.samples samples at each "
          "of fid.curve_steps consistency steps, against the reference; with the snapshot's cost (tuning FLOPs, "
          "device-hours) from its meta.", _scaling_point_args, run_scaling_point,
-         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dataset'), outputs=('out',)),
+         inputs=('config', 'snapshots', 'ref', 'feature_net', 'dinov2', 'dataset'), outputs=('out',)),
     Step("scaling-points", "gather scaling points into the CSV that scaling-fit reads",
          "One row per FID set: compute (the snapshot's tuning FLOPs, the teacher's pretraining not counted), fid, "
          "size, steps, set, kimg.", _scaling_points_args, run_scaling_points,
@@ -714,15 +764,17 @@ def die_with_parent() -> None:
 def main(argv=None) -> int:
     """Run a step. Bad input (a BadInput, or an OSError naming its file): one line, exit 2. CUDA out of memory:
     one line naming batch_gpu, exit 1. Anything else is a bug: its traceback, exit 1."""
-    from ect.errors import BadInput
     from ect.fileio import StepOutputs
 
-    args = build_parser().parse_args(argv)
     if argv is None:  # the `ect` program itself, not a call from Python
+        sys.stdout, sys.stderr = ControlEscaping(sys.stdout), ControlEscaping(sys.stderr)
+    args = build_parser().parse_args(argv)
+    if argv is None:
         die_with_parent()
     outputs = None
     try:
-        outputs = StepOutputs(_paths(args, args.step.inputs), _paths(args, args.step.outputs))
+        outputs = StepOutputs(_paths(args, args.step.inputs), _paths(args, args.step.outputs),
+                              _paths(args, args.step.updates))
         code = args.func(args)
     except (BadInput, OSError) as exc:
         say(f"error: {describe(exc)}")
@@ -758,7 +810,6 @@ def _paths(args, names) -> list:
 def describe(exc: BaseException) -> str:
     """One line, with no terminal control characters: the message of an expected error (an OSError names its
     file)."""
-    from ect.errors import printable
 
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
         return printable(f"{exc.filename}: {exc.strerror}")

@@ -8,13 +8,14 @@ keys, a size cap. What the values mean, and every check of them, is the run spec
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
 from ect.typed import ConfigError
 
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 256 << 10  # a preset is a few kB; PyYAML reads about 50 kB a second of the worst text
 MAX_BASE_DEPTH = 4  # a base may itself have a base, this deep
 
 
@@ -26,13 +27,29 @@ def merge(base: dict, overlay: dict) -> dict:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """YAML without anchors and aliases (they let a small file expand exponentially when it is merged,
-    checked or printed) and without a key twice in one mapping (the second would silently win)."""
+    """YAML as untrusted text: scalars of YAML 1.2's core schema only (strings, integers, numbers such as
+    ``1e-08``, booleans, null; no dates, no sexagesimal or octal surprises of YAML 1.1), no explicit tags,
+    no anchors and aliases (they let a small file expand exponentially when it is merged, checked or
+    printed), no key twice in one mapping (the second would silently win), nesting at most MAX_DEPTH deep
+    and integers of at most MAX_DIGITS digits, so that no file can make the parser recurse or compute
+    without bound."""
+
+    yaml_implicit_resolvers: dict = {}
+    depth = 0
 
     def compose_node(self, parent, index):
+        event = self.peek_event()
         if self.check_event(yaml.AliasEvent):
-            raise ConfigError(f"YAML aliases (*name) are not allowed (line {self.peek_event().start_mark.line + 1})")
-        return super().compose_node(parent, index)
+            raise ConfigError(f"YAML aliases (*name) are not allowed (line {event.start_mark.line + 1})")
+        if getattr(event, "tag", None) not in (None, "!"):
+            raise ConfigError(f"YAML tags ({str(event.tag)[:40]}) are not allowed (line {event.start_mark.line + 1})")
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise ConfigError(f"nested deeper than {MAX_DEPTH} levels (line {event.start_mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -45,6 +62,25 @@ class StrictLoader(yaml.SafeLoader):
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).lstrip("+-")
+        if len(text) > MAX_DIGITS:
+            raise ConfigError(f"an integer of {len(text)} digits (line {node.start_mark.line + 1}): no setting is "
+                              "that large")
+        return super().construct_yaml_int(node)
+
+
+MAX_DEPTH = 32
+MAX_DIGITS = 40
+for _tag, _pattern, _first in (  # YAML 1.2's core schema
+        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+        ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+         "-+0123456789."),
+        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""])):
+    StrictLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
 
 def load_yaml_text(text: str, what: str):
     """Untrusted YAML text to data, with the rules of :class:`StrictLoader`."""
@@ -54,6 +90,9 @@ def load_yaml_text(text: str, what: str):
         raise ConfigError(f"{what}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        # a scalar the constructors cannot build; the rules above leave none, this is the backstop
+        raise ConfigError(f"{what} has a value YAML cannot read: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def read_yaml(path) -> dict:
@@ -63,9 +102,11 @@ def read_yaml(path) -> dict:
         if not path.is_file():
             raise ConfigError(f"cannot read config {path}: not a regular file" if path.exists()
                               else f"cannot read config {path}: No such file or directory")
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)  # the size stat reports can lie (/proc files report 0)
+        if len(data) > MAX_CONFIG_BYTES:
             raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes: not a preset")
-        text = path.read_text()
+        text = data.decode()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except UnicodeDecodeError:

@@ -231,11 +231,17 @@ class ChecksumRecord:
         if not self.path.exists():
             return {}
         try:
-            if not self.path.is_file() or self.path.stat().st_size > self.MAX_BYTES:
+            text = None
+            if self.path.is_file():
+                with open(self.path, "rb") as f:
+                    text = f.read(self.MAX_BYTES + 1)
+            if text is None or len(text) > self.MAX_BYTES:
                 raise DownloadError(f"the checksum record {self.path} is not a regular file under {self.MAX_BYTES} "
                                     "bytes")
-            data = load_yaml_text(self.path.read_text(), f"the checksum record {self.path}") or {}
-        except (OSError, UnicodeDecodeError, BadInput) as exc:
+            data = load_yaml_text(text.decode(), f"the checksum record {self.path}") or {}
+        except BadInput as exc:  # its message names the file
+            raise DownloadError(str(exc)) from None
+        except (OSError, UnicodeDecodeError) as exc:
             raise DownloadError(f"cannot read the checksum record {self.path}: {exc}") from None
         if type(data) is not dict:
             raise DownloadError(f"the checksum record {self.path} is not a mapping of URLs")
@@ -268,20 +274,28 @@ class ChecksumRecord:
         return entry
 
 
-def fetch(url: str, out, md5=None, sha256=None, record=None, size=None, **kwargs) -> dict:
+def fetch(url: str, out, md5=None, sha256=None, record=None, size=None, before_recording=None, **kwargs) -> dict:
     """What `ect fetch` does: verify against the given checksums; else against the URL's entry in the
-    ``record`` file, recording it on first use; returns the digests and how they were verified."""
+    ``record`` file, recording it on first use; returns the digests and how they were verified.
+    ``before_recording(result)`` runs once the file is verified and before the record is written (the
+    record, rewritten in place, is the last thing a fetch changes)."""
+    before_recording = before_recording or (lambda result: None)
     size_of = Path(out).stat
     if md5 or sha256 or record is None:
         digests = download(url, out, md5=md5, sha256=sha256, size=size, **kwargs)
-        return {**digests, "size": size_of().st_size, "verified": "pinned" if md5 or sha256 else "unverified"}
-    entry = ChecksumRecord(record).get(url)
-    if entry is not None:
+        result = {**digests, "size": size_of().st_size, "verified": "pinned" if md5 or sha256 else "unverified"}
+    elif (entry := ChecksumRecord(record).get(url)) is not None:
         digests = download(url, out, sha256=entry["sha256"], size=entry.get("size", size), **kwargs)
-        return {**digests, "size": size_of().st_size,
-                "verified": f"recorded on first use ({entry.get('recorded', 'date unknown')})"}
-    kwargs["allow_unverified"] = True
-    digests = download(url, out, size=size, **kwargs)
-    entry = ChecksumRecord(record).add(url, digests["sha256"], size_of().st_size)
-    return {**digests, "size": entry["size"], "verified": f"recorded on first use ({entry['recorded']}) in {record}: "
-                                                          "commit it"}
+        result = {**digests, "size": size_of().st_size,
+                  "verified": f"recorded on first use ({entry.get('recorded', 'date unknown')})"}
+    else:
+        kwargs["allow_unverified"] = True
+        digests = download(url, out, size=size, **kwargs)
+        today = datetime.date.today().isoformat()
+        result = {**digests, "size": size_of().st_size,
+                  "verified": f"recorded on first use ({today}) in {record}: commit it"}
+        before_recording(result)
+        ChecksumRecord(record).add(url, digests["sha256"], result["size"])
+        return result
+    before_recording(result)
+    return result

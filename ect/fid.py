@@ -12,208 +12,31 @@ from __future__ import annotations
 import io
 import json
 import time
-import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ect.errors import BadInput
-from ect.fileio import is_number, is_numbers, read_json, sha256_file, verify_sha256, verify_zip, write_bytes_atomic
+from ect.fileio import is_number, is_numbers, open_npz, read_json, sha256_file, write_bytes_atomic
 from ect.layout import snapshot_name
+from ect.metrics import FD_DINOV2, METRICS, FIDError
+from ect.metrics.features import compute_features, extractors, feature_moments
+from ect.metrics.frechet import (
+    MAX_FEATURE_DIM,
+    MAX_STATS_BYTES,
+    fid_of_sets,
+    frechet_distance,
+    load_stats,
+    moments_to_statistics,
+    save_stats,
+)
 from ect.safepickle import NUMPY_ARRAY_GLOBALS, Format, arrays, load, read_file_limited
-from ect.spec import FID_MODES as MODES
-from ect.spec import INCEPTION_FILE
-
-
-class FIDError(BadInput):
-    pass
-
-
-def load_feature_net(path, sha256: str | None = None, device="cpu"):
-    """Verify (when ``sha256`` is given), then load a TorchScript feature network. Returns (net, meta, sha256)."""
-    digest = verify_sha256(path, sha256) if sha256 else sha256_file(path)
-    verify_zip(path)
-    extra = {"meta.json": ""}
-    try:
-        with warnings.catch_warnings():  # TorchScript is deprecated, but Inception's feature file is TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            net = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    except RuntimeError as exc:
-        raise FIDError(f"cannot load feature network {path} (not TorchScript?): {exc}") from exc
-    try:
-        meta = json.loads(extra["meta.json"]) if extra["meta.json"] else {}
-    except ValueError:
-        meta = None
-    if type(meta) is not dict or type(meta.get("resolution", 16)) is not int or not 4 <= meta.get("resolution", 16) \
-            <= 1024 or meta.get("channels", 3) not in (1, 3) or type(meta.get("channels", 3)) is not int:
-        raise FIDError(f"feature network {path}: its meta.json must give an integer resolution (4-1024) and 1 or 3 "
-                       "channels")
-    return net.eval(), meta, digest
-
-
-class FeatureExtractor:
-    """uint8 NHWC images -> features, the way clean-fid computes them in one ``mode``.
-
-    ``inception``: clean-fid's ``InceptionV3W`` on our verified file; ``legacy_tensorflow`` feeds
-    native-size images and lets the TorchScript resize them (the StyleGAN2-ADA/EDM/ECT protocol),
-    ``clean`` resizes to 299 with PIL bicubic first. ``digits-classifier`` (toy): ``clean``
-    resizing to the network's own input size. Grayscale images go to an RGB network as three
-    equal channels.
-    """
-
-    def __init__(self, path, kind: str, mode: str, sha256: str | None = None, device="cpu"):
-        if mode not in MODES:
-            raise FIDError(f"FID mode must be one of {MODES}, not {mode!r}")
-        self.kind, self.mode, self.device = kind, mode, torch.device(device)
-        if kind == "inception":
-            from cleanfid.inception_torchscript import InceptionV3W
-            if Path(path).name != INCEPTION_FILE:
-                raise FIDError(f"clean-fid loads Inception from a file named {INCEPTION_FILE}, not {Path(path).name}")
-            self.sha256 = verify_sha256(path, sha256) if sha256 else sha256_file(path)
-            try:
-                with warnings.catch_warnings():  # clean-fid's wrapper loads the file just verified
-                    warnings.simplefilter("ignore", FutureWarning)
-                    self.net = InceptionV3W(str(Path(path).parent), download=False,
-                                            resize_inside=mode == "legacy_tensorflow").to(self.device).eval()
-            except RuntimeError as exc:
-                raise FIDError(f"cannot load feature network {path} (not TorchScript?): {exc}") from exc
-            self.input_size = None if mode == "legacy_tensorflow" else 299
-            self.channels = 3
-        elif kind == "digits-classifier":
-            if mode != "clean":
-                raise FIDError("the digits-classifier feature network supports only the 'clean' mode")
-            self.net, meta, self.sha256 = load_feature_net(path, sha256, self.device)
-            self.input_size, self.channels = meta["resolution"], meta.get("channels", 3)
-        else:
-            raise FIDError(f"unknown feature network kind {kind!r}")
-        self.resize = resizer(self.input_size) if self.input_size else None
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        if images.shape[-1] != self.channels:
-            if images.shape[-1] != 1:
-                raise FIDError(f"the feature network takes {self.channels}-channel images, not {images.shape[-1]}")
-            images = np.repeat(images, self.channels, axis=-1)  # grayscale as RGB (Inception)
-        if self.resize is not None and images.shape[1:3] != (self.input_size, self.input_size):
-            images = np.stack([self.resize(img) for img in images])
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2).to(self.device)
-        with torch.no_grad():
-            return self.net(x).double().cpu().numpy()
-
-
-def resizer(size: int):
-    """clean-fid's ``clean`` resizer (PIL bicubic, float32, no quantisation) to ``size``×``size``."""
-    from cleanfid.resize import make_resizer
-    return make_resizer("PIL", False, "bicubic", (size, size))
-
-
-def compute_features(images: np.ndarray, extractor: FeatureExtractor, batch: int = 256,
-                     progress: bool = False) -> np.ndarray:
-    """uint8 NHWC images -> (N, D) float64 features."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise FIDError(f"FID needs uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
-    if batch < 1:
-        raise FIDError(f"batch must be at least 1, not {batch}")
-    chunks = range(0, len(images), batch)
-    return np.concatenate([extractor(images[i:i + batch]) for i in tqdm(
-        chunks, desc=f"features ({extractor.mode})", unit="batch", disable=not progress)])
-
-
-def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if len(features) < 2:
-        raise FIDError(f"need at least 2 images for FID statistics, got {len(features)}")
-    features = features.astype(np.float64)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64, clamped at 0.
-
-    tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2): A S2 A is symmetric PSD, so its
-    square root's trace is the sum of the square roots of its eigenvalues.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise FIDError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
-    a = _sqrt_psd(s1)
-    eig = np.linalg.eigvalsh(a @ s2 @ a)
-    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
-    diff = mu1 - mu2
-    return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean), 0.0)
-
-
-def save_stats(path, stats: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
-    """Reference statistics per FID mode: ``{mode: (mu, sigma)}``."""
-    arrays = {f"{k}_{mode}": v for mode, (mu, sigma) in stats.items() for k, v in (("mu", mu), ("sigma", sigma))}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays, meta=np.array(json.dumps({**meta, "modes": list(stats)}, sort_keys=True)))
-    write_bytes_atomic(path, buf.getvalue())
-
-
-def load_stats(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
-    """Reference statistics from `ect fid-stats`, every field checked: modes we know, a finite float64 mean and
-    covariance of matching dimensions, a JSON meta."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            modes = meta.get("modes") if type(meta) is dict else None
-            if not (type(modes) is list and modes and all(type(m) is str and m in MODES for m in modes)):
-                raise ValueError("its meta names no FID modes")
-            stats = {m: (f[f"mu_{m}"], f[f"sigma_{m}"]) for m in modes}
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FIDError(f"cannot read FID statistics {path}: {str(exc)[:200]}") from None
-    for mode, (mu, sigma) in stats.items():
-        if not (mu.dtype == np.float64 and sigma.dtype == np.float64 and mu.ndim == 1 and 0 < len(mu) <= 65536
-                and sigma.shape == (len(mu), len(mu)) and np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise FIDError(f"FID statistics {path}: {mode} must be a finite float64 mean (D,) and covariance (D, D)")
-    return stats, meta
-
-
-def fid_of_sets(features: np.ndarray, mu_ref, sigma_ref, sets: int) -> list[float]:
-    """Split the features (ordered by seed) into ``sets`` equal, consecutive sets; FID of each."""
-    if sets < 1 or len(features) < 2 * sets:
-        raise FIDError(f"cannot split {len(features)} samples into {sets} sets of at least 2")
-    size = len(features) // sets
-    return [frechet_distance(*statistics(features[i * size:(i + 1) * size]), mu_ref, sigma_ref) for i in range(sets)]
-
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline's scoring steps: reference statistics, FID of a sample file, FID of every snapshot.
-
-def extractors(kind: str, sha256: str | None, modes, path, device) -> dict[str, FeatureExtractor]:
-    """One feature extractor per FID mode (the first mode is the headline number)."""
-    return {mode: FeatureExtractor(path, kind, mode, sha256, device) for mode in modes}
-
-
-def feature_moments(images: np.ndarray, extractor: FeatureExtractor, batch: int = 256,
-                    progress: bool = False) -> tuple[int, np.ndarray, np.ndarray]:
-    """(count, Σ f, Σ f fᵀ) of the images' features in float64, a batch at a time: ImageNet's 1.28M
-    features would take 21 GB at once, and moments of shards add up."""
-    total, outer = None, None
-    for i in tqdm(range(0, len(images), batch), desc=f"features ({extractor.mode})", unit="batch", disable=not progress):
-        f = compute_features(images[i:i + batch], extractor, batch)
-        total = f.sum(axis=0) if total is None else total + f.sum(axis=0)
-        outer = f.T @ f if outer is None else outer + f.T @ f
-    if total is None:
-        raise FIDError("no images to compute statistics of")
-    return len(images), total, outer
-
-
-def moments_to_statistics(count: int, total: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance from (count, Σ f, Σ f fᵀ)."""
-    if count < 2:
-        raise FIDError(f"need at least 2 images for FID statistics, got {count}")
-    mu = total / count
-    return mu, (outer - count * np.outer(mu, mu)) / (count - 1)
-
 
 def shard_range(count: int, shard: tuple[int, int]) -> range:
     """The images of shard i of n: a contiguous slice, the n slices covering all ``count`` exactly once."""
@@ -224,18 +47,20 @@ def shard_range(count: int, shard: tuple[int, int]) -> range:
 
 
 def reference_statistics(data_path, feature_net, kind: str, sha256: str | None, modes, batch: int, device,
-                         out, progress: bool = False, shard: tuple[int, int] | None = None) -> dict:
-    """Mean and covariance of the dataset's features in each mode, written to ``out``; returns its meta.
-    With ``shard`` (i, n): only the moments of the i-th of n slices, for `ect fid-stats-merge`."""
+                         out, progress: bool = False, shard: tuple[int, int] | None = None, dinov2=None,
+                         dinov2_sha256: str | None = None) -> dict:
+    """Mean and covariance of the dataset's features in each mode (and in DINOv2's, given its weights),
+    written to ``out``; returns its meta. With ``shard`` (i, n): only the moments of the i-th of n slices,
+    for `ect fid-stats-merge`."""
     from ect.data import load_dataset, load_dataset_digest
 
     images, _ = load_dataset(data_path)
     part = shard_range(len(images), shard or (0, 1))
-    ex = extractors(kind, sha256, modes, feature_net, device)
+    ex = extractors(kind, sha256, modes, feature_net, device, dinov2, dinov2_sha256)
     moments = {mode: feature_moments(images[part.start:part.stop], e, batch, progress) for mode, e in ex.items()}
     meta = {"source": str(data_path), "images": len(images), "dataset_sha256": load_dataset_digest(data_path),
             "feature_net_sha256": next(iter(ex.values())).sha256, "resolution": int(images.shape[1]),
-            "feature_dim": int(next(iter(moments.values()))[1].shape[0])}
+            **({"dinov2_sha256": ex[FD_DINOV2].sha256} if FD_DINOV2 in ex else {})}
     if shard:
         save_moments(out, moments, {**meta, "shard": list(shard)})
     else:
@@ -259,20 +84,21 @@ def _read_shard(path) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
-            shard, modes, dim = meta.get("shard"), meta.get("modes"), meta.get("feature_dim")
+            shard, modes = meta.get("shard"), meta.get("modes")
             if not (isinstance(shard, list) and len(shard) == 2 and all(type(v) is int for v in shard)
                     and 0 <= shard[0] < shard[1] <= MAX_SHARDS):
                 raise ValueError(f"meta 'shard' must be [i, n] with 0 <= i < n <= {MAX_SHARDS}")
             if not (isinstance(modes, list) and modes and len(set(modes)) == len(modes)
-                    and all(m in MODES for m in modes)):
+                    and all(m in METRICS for m in modes)):
                 raise ValueError("meta 'modes' must be a list of distinct FID modes")
-            if type(dim) is not int or not 0 < dim <= 65536 or type(meta.get("images")) is not int:
-                raise ValueError("meta 'feature_dim' and 'images' must be integers")
+            if type(meta.get("images")) is not int:
+                raise ValueError("meta 'images' must be an integer")
             moments = {}
             for m in modes:
                 n, total, outer = f[f"n_{m}"], f[f"sum_{m}"], f[f"outer_{m}"]
                 if n.shape != () or not np.issubdtype(n.dtype, np.integer) or int(n) < 0:
                     raise ValueError(f"n_{m} must be a count")
+                dim = total.shape[0] if total.ndim == 1 and 0 < total.shape[0] <= MAX_FEATURE_DIM else -1
                 if total.shape != (dim,) or outer.shape != (dim, dim) or total.dtype != np.float64 \
                         or outer.dtype != np.float64 or not (np.isfinite(total).all() and np.isfinite(outer).all()):
                     raise ValueError(f"sum_{m} and outer_{m} must be finite float64 of shapes ({dim},), ({dim}, {dim})")
@@ -287,7 +113,7 @@ def merge_reference_shards(paths, out) -> dict:
     at a time) and write the reference statistics; returns their meta."""
     if not paths:
         raise FIDError("no shards to merge")
-    keys = ("dataset_sha256", "feature_net_sha256", "modes", "images", "resolution", "feature_dim")
+    keys = ("dataset_sha256", "feature_net_sha256", "dinov2_sha256", "modes", "images", "resolution")
     first, sums, found = None, {}, []
     for path in paths:
         meta, moments = _read_shard(path)
@@ -351,14 +177,11 @@ def read_published_stats(path, mode: str = "legacy_tensorflow") -> tuple[np.ndar
             raise FIDError(f"published reference statistics {path} have no {metric!r} statistics")
         mu, sigma = stats[metric]["mu"].numpy(), stats[metric]["sigma"].numpy()
     elif path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                mu, sigma = f["mu"], f["sigma"]
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise FIDError(f"cannot read published reference statistics {path}: {str(exc)[:200]}") from None
+        with open_npz(path, "published reference statistics", FIDError, MAX_STATS_BYTES) as f:
+            mu, sigma = f["mu"], f["sigma"]
     else:
         raise FIDError(f"published reference statistics {path}: EDM's .npz or EDM2's .pkl, not {path.suffix!r}")
-    if not (mu.ndim == 1 and sigma.shape == (len(mu), len(mu)) and 0 < len(mu) <= 65536
+    if not (mu.ndim == 1 and sigma.shape == (len(mu), len(mu)) and 0 < len(mu) <= MAX_FEATURE_DIM
             and np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)
             and np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise FIDError(f"published reference statistics {path}: mu and sigma must be finite floats of shapes (D,) "
@@ -381,29 +204,47 @@ def compare_reference(ours_path, theirs_path, mode: str) -> dict:
             "threshold": REFERENCE_MATCH, "pass": distance < REFERENCE_MATCH, "images": meta.get("images")}
 
 
-def open_reference(settings, ref_path, feature_net, device, modes=None):
-    """The reference statistics and the matching extractors; refuse a pair that does not belong together."""
+@dataclass(frozen=True)
+class FeatureFiles:
+    """The feature networks a scoring step was given: the FID network's file, and DINOv2's weights when the run
+    scores FD_DINOv2 (fid.dinov2)."""
+
+    feature_net: str
+    dinov2: str | None = None
+
+    def check(self, settings) -> None:
+        if (self.dinov2 is None) != (settings.fid.dinov2 is None):
+            raise FIDError("fid.dinov2 is set: give the weights with --dinov2" if self.dinov2 is None else
+                           "--dinov2 is given but the config scores no FD_DINOv2 (fid.dinov2 is not set)")
+
+
+def open_reference(settings, ref_path, nets: FeatureFiles, device, modes=None):
+    """The reference statistics and the matching extractors (``modes``, all of fid.modes by default, and
+    FD_DINOv2 when the run scores it); refuse a pair that does not belong together."""
+    nets.check(settings)
     ref, ref_meta = load_stats(ref_path)
     net = settings.fid.feature_net
-    ex = extractors(net.kind, net.sha256, modes or settings.fid.modes, feature_net, device)
+    ex = extractors(net.kind, net.sha256, modes or settings.fid.modes, nets.feature_net, device, nets.dinov2,
+                    settings.fid.dinov2.sha256 if settings.fid.dinov2 else None)
     digest = next(iter(ex.values())).sha256
-    if ref_meta.get("feature_net_sha256") != digest:
-        raise FIDError(f"reference statistics {ref_path} were computed with another feature network "
-                       f"({ref_meta.get('feature_net_sha256')}) than {feature_net} ({digest})")
+    for key, extractor in (("feature_net_sha256", next(iter(ex.values()))), ("dinov2_sha256", ex.get(FD_DINOV2))):
+        if extractor is not None and ref_meta.get(key) != extractor.sha256:
+            raise FIDError(f"reference statistics {ref_path} were computed with another feature network "
+                           f"({ref_meta.get(key)}) than the {extractor.kind} file given ({extractor.sha256})")
     missing = [m for m in ex if m not in ref]
     if missing:
         raise FIDError(f"reference statistics {ref_path} have no {missing} statistics; rerun fid-stats")
     return ref, ref_meta, ex, digest
 
 
-def score_samples(settings, samples_path, ref_path, feature_net, device, progress: bool = False) -> dict:
+def score_samples(settings, samples_path, ref_path, nets: FeatureFiles, device, progress: bool = False) -> dict:
     """FID of each seed-ordered set of a samples file in every mode (min, mean, each): the result JSON."""
     from ect.sample import load_samples
 
     started = time.perf_counter()
     sets, batch = settings.sample.sets, settings.sample.batch
     images, seeds, sample_meta = load_samples(samples_path)
-    ref, ref_meta, ex, digest = open_reference(settings, ref_path, feature_net, device)
+    ref, ref_meta, ex, digest = open_reference(settings, ref_path, nets, device)
     if ref_meta.get("resolution") not in (None, images.shape[1]):
         raise FIDError(f"{samples_path} holds {images.shape[1]}x{images.shape[2]} images, but the reference "
                        f"statistics {ref_path} are of {ref_meta['resolution']}x{ref_meta['resolution']} images")
@@ -424,13 +265,15 @@ def score_samples(settings, samples_path, ref_path, feature_net, device, progres
 
 
 COST_KEYS = ("kimg", "elapsed_s", "device_hours", "flops")  # of a snapshot, from its meta (ect/train.py)
+METRIC_KEYS = ("fid_", f"{FD_DINOV2}_")  # a snapshot's metrics: fid_<n>step (the headline mode), fd_dinov2_<n>step
 CURVE_COLUMNS = ("snapshot", *COST_KEYS)
 
 
-def score_snapshot(path, settings, reference, extractor, sets: int, samples: int, device, dataset=None) -> dict:
-    """A snapshot's cost (from its meta) and its FID sets at each of fid.curve_steps consistency steps,
-    drawing seeds 0 .. sets * samples - 1 (``reference``: the headline mode's mean and covariance;
-    ``dataset``: where a class-conditional model's labels come from)."""
+def score_snapshot(path, settings, scorers: dict, sets: int, samples: int, device, dataset=None) -> dict:
+    """A snapshot's cost (from its meta) and its sets of each metric at each of fid.curve_steps consistency
+    steps, drawing seeds 0 .. sets * samples - 1 (``scorers``: the key of each metric in the point, ``fid`` or
+    ``fd_dinov2``, -> its reference mean and covariance and its extractor; ``dataset``: where a
+    class-conditional model's labels come from)."""
     from ect.checkpoint import load_network, read_checkpoint
     from ect.sample import LABEL_SAMPLING, generate, labels_for
 
@@ -443,25 +286,34 @@ def score_snapshot(path, settings, reference, extractor, sets: int, samples: int
     for steps in settings.fid.curve_steps:
         images = generate(net, seeds, steps=steps, t_mids=settings.sample.t_mid, batch=batch, device=device,
                           progress=False, labels=labels)
-        point[f"fid_{steps}step"] = fid_of_sets(compute_features(images, extractor, batch), *reference, sets)
+        for key, (reference, extractor) in scorers.items():
+            point[f"{key}_{steps}step"] = fid_of_sets(compute_features(images, extractor, batch), *reference, sets)
     return point
 
 
-def fid_curve(settings, snapshot_dir, ref_path, feature_net, device, progress: bool = False, dataset=None) -> dict:
-    """FID (headline mode, fid.curve_steps steps, seeds 0..fid.curve_samples-1) of every snapshot in a
-    directory: FID against training budget."""
-    from tqdm import tqdm
+def snapshot_scorers(settings, ref_path, nets: FeatureFiles, device) -> tuple[dict, str]:
+    """What a snapshot is scored with: FID in the headline mode, FD_DINOv2 when the run scores it; and the
+    feature network's sha256."""
+    mode = settings.fid.modes[0]
+    ref, _, ex, digest = open_reference(settings, ref_path, nets, device, modes=[mode])
+    return {key: (ref[m], ex[m]) for key, m in (("fid", mode), (FD_DINOV2, FD_DINOV2)) if m in ex}, digest
+
+
+def fid_curve(settings, snapshot_dir, ref_path, nets: FeatureFiles, device, progress: bool = False,
+              dataset=None) -> dict:
+    """FID (headline mode, fid.curve_steps steps, seeds 0..fid.curve_samples-1), and FD_DINOv2 when the run
+    scores it, of every snapshot in a directory: the metrics against training budget."""
 
     started = time.perf_counter()
     mode, samples = settings.fid.modes[0], settings.fid.curve_samples
-    ref, _, ex, digest = open_reference(settings, ref_path, feature_net, device, modes=[mode])
+    scorers, digest = snapshot_scorers(settings, ref_path, nets, device)
     snapshots = sorted(Path(snapshot_dir).glob("*.pt"))
     if not snapshots:
         raise FIDError(f"no snapshots (*.pt) in {snapshot_dir}")
     points = []
     for path in tqdm(snapshots, desc="snapshots", disable=not progress):
-        point = score_snapshot(path, settings, ref[mode], ex[mode], 1, samples, device, dataset)
-        points.append({k: v[0] if k.startswith("fid_") else v for k, v in point.items()})
+        point = score_snapshot(path, settings, scorers, 1, samples, device, dataset)
+        points.append({k: v[0] if k.startswith(METRIC_KEYS) else v for k, v in point.items()})
         if progress:
             print(json.dumps(points[-1]), flush=True)
     return {"samples": samples, "mode": mode, "feature_net_sha256": digest, "points": points,
@@ -477,33 +329,35 @@ def snapshot_at(snapshot_dir, kimg: float) -> Path:
     return path
 
 
-def score_snapshots(settings, paths, sets: int, samples: int, ref_path, feature_net, device, dataset=None) -> dict:
-    """Snapshots scored with ``sets`` sets of ``samples`` at each of fid.curve_steps steps (the headline mode)."""
-    mode = settings.fid.modes[0]
-    ref, _, ex, digest = open_reference(settings, ref_path, feature_net, device, modes=[mode])
-    points = [score_snapshot(path, settings, ref[mode], ex[mode], sets, samples, device, dataset) for path in paths]
-    return {"points": points, "mode": mode, "sets": sets, "samples": samples, "feature_net_sha256": digest}
+def score_snapshots(settings, paths, sets: int, samples: int, ref_path, nets: FeatureFiles, device,
+                    dataset=None) -> dict:
+    """Snapshots scored with ``sets`` sets of ``samples`` at each of fid.curve_steps steps (the headline mode,
+    and FD_DINOv2 when the run scores it)."""
+    scorers, digest = snapshot_scorers(settings, ref_path, nets, device)
+    points = [score_snapshot(path, settings, scorers, sets, samples, device, dataset) for path in paths]
+    return {"points": points, "mode": settings.fid.modes[0], "sets": sets, "samples": samples,
+            "feature_net_sha256": digest}
 
 
-def scaling_point(settings, snapshot_dir, kimg: float, size: str, ref_path, feature_net, device,
+def scaling_point(settings, snapshot_dir, kimg: float, model: str, ref_path, nets: FeatureFiles, device,
                   dataset=None) -> dict:
-    """One point of a scaling study: the snapshot of a size's tuning run at ``kimg``, scored with
+    """One point of a scaling study: the snapshot of a model's tuning run at ``kimg``, scored with
     scaling.sets sets of scaling.samples at each of fid.curve_steps steps."""
     scored = score_snapshots(settings, [snapshot_at(snapshot_dir, kimg)], settings.scaling.sets,
-                             settings.scaling.samples, ref_path, feature_net, device, dataset)
+                             settings.scaling.samples, ref_path, nets, device, dataset)
     point = scored.pop("points")[0]
-    return {"size": size, **point, **scored}
+    return {"model": model, **point, **scored}
 
 
-def fid_snapshot(settings, snapshot_dir, kimg: float, ref_path, feature_net, device, dataset=None) -> dict:
+def fid_snapshot(settings, snapshot_dir, kimg: float, ref_path, nets: FeatureFiles, device, dataset=None) -> dict:
     """A snapshot at a budget the paper publishes a number at, scored with the full protocol (sample.sets sets of
     sample.samples_per_set, as the final model is)."""
     scored = score_snapshots(settings, [snapshot_at(snapshot_dir, kimg)], settings.sample.sets,
-                             settings.sample.samples_per_set, ref_path, feature_net, device, dataset)
+                             settings.sample.samples_per_set, ref_path, nets, device, dataset)
     return {**scored.pop("points")[0], **scored}
 
 
-def fid_budget(settings, curve_path, snapshot_dir, ref_path, feature_net, device, dataset=None) -> dict:
+def fid_budget(settings, curve_path, snapshot_dir, ref_path, nets: FeatureFiles, device, dataset=None) -> dict:
     """A compute-budget claim (report.paper.budget) judged from the FID curve: the snapshots near the crossing
     and the best within the budget are scored with the full protocol, then ect.claims judges it."""
     from ect.claims import budget_candidates, judge_budget
@@ -514,7 +368,7 @@ def fid_budget(settings, curve_path, snapshot_dir, ref_path, feature_net, device
     points = read_curve(curve_path, key)["points"]
     names = budget_candidates(points, key, budget.fid, budget.gpu_hours)
     scored = score_snapshots(settings, [Path(snapshot_dir) / n for n in names], settings.sample.sets,
-                             settings.sample.samples_per_set, ref_path, feature_net, device, dataset)
+                             settings.sample.samples_per_set, ref_path, nets, device, dataset)
     full = {p["snapshot"]: p[key] for p in scored["points"]}
     measured = next((p["device"] for p in points if isinstance(p.get("device"), str)), None)  # where it trained
     judged = judge_budget(points, full, key, plain_budget(budget), measured)
@@ -539,8 +393,9 @@ def scaling_table(points: list[dict]) -> str:
 
 
 def curve_table(curve: dict) -> str:
-    """The FID curve as CSV, one row per snapshot (DVC plots read it): cost columns, then each step count."""
-    fids = sorted({k for p in curve["points"] for k in p if k.startswith("fid_")})
+    """The FID curve as CSV, one row per snapshot (DVC plots read it): cost columns, then each metric at each
+    step count."""
+    fids = sorted({k for p in curve["points"] for k in p if k.startswith(METRIC_KEYS)})
     rows = [",".join((*CURVE_COLUMNS, *fids))]
     rows += [",".join("" if p.get(k) is None else str(p[k]) for k in (*CURVE_COLUMNS, *fids)) for p in curve["points"]]
     return "\n".join(rows) + "\n"
@@ -554,7 +409,7 @@ def _count(value) -> bool:
 
 
 def _modes(value) -> bool:
-    return type(value) is dict and all(k in MODES and type(v) is dict and is_number(v.get("fid_min"))
+    return type(value) is dict and all(k in METRICS and type(v) is dict and is_number(v.get("fid_min"))
                                        and is_numbers(v.get("fid_sets")) for k, v in value.items())
 
 
@@ -562,18 +417,18 @@ def _curve_points(value) -> bool:
     """A curve's points: a snapshot name each, finite FIDs, cost numbers or null."""
     return type(value) is list and 0 < len(value) <= 100_000 and all(
         type(p) is dict and type(p.get("snapshot")) is str and p["snapshot"].endswith(".pt") and "/" not in p["snapshot"]
-        and all(is_number(v) for k, v in p.items() if k.startswith("fid_"))
+        and all(is_number(v) for k, v in p.items() if k.startswith(METRIC_KEYS))
         and all(p.get(k) is None or is_number(p[k]) for k in COST_KEYS) for p in value)
 
 
 FID_RESULT = {"fid_min": is_number, "fid_mean": is_number, "fid_sets": is_numbers, "nfe": _count,
-              "mode": lambda v: v in MODES, "modes": _modes, "sets": _count, "samples_per_set": _count,
+              "mode": lambda v: v in METRICS, "modes": _modes, "sets": _count, "samples_per_set": _count,
               "feature_net_sha256": lambda v: type(v) is str, "reference": lambda v: type(v) is dict,
               "seeds": lambda v: type(v) is list and len(v) == 2 and all(_count(s) for s in v)}
-CURVE = {"samples": _count, "mode": lambda v: v in MODES, "points": _curve_points}
+CURVE = {"samples": _count, "mode": lambda v: v in METRICS, "points": _curve_points}
 SNAPSHOT_FID = {"snapshot": lambda v: type(v) is str, "sets": _count, "samples": _count}
 REFERENCE_CHECK = {"frechet_distance": is_number, "threshold": is_number, "pass": lambda v: type(v) is bool,
-                   "ours": lambda v: type(v) is str, "theirs": lambda v: type(v) is str, "mode": lambda v: v in MODES}
+                   "ours": lambda v: type(v) is str, "theirs": lambda v: type(v) is str, "mode": lambda v: v in METRICS}
 
 
 def read_fid_result(path) -> dict:

@@ -172,6 +172,54 @@ def verify_zip(path, error=BadInput) -> None:
                        "write); rerun the step that made it")
 
 
+MAX_NPZ_RATIO = 100  # deflate reaches ~1000x only on degenerate data; images and statistics stay far below
+NPZ_SMALL = 64 << 20  # members this small are not held to the ratio (a test's tiny all-zero arrays)
+
+
+def _check_npz_members(path, max_bytes: int | None) -> None:
+    """Every array of an .npz must declare no more bytes than its member holds, and the member may not inflate
+    far beyond what it takes on disk: numpy allocates what a header declares before reading, and inflates a
+    member whole."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if max_bytes is not None and info.file_size > max_bytes:
+                raise ValueError(f"member {info.filename[:80]!r} holds {info.file_size:,} bytes, more than "
+                                 f"{max_bytes:,}")
+            if info.file_size > NPZ_SMALL and info.file_size > MAX_NPZ_RATIO * max(info.compress_size, 1):
+                raise ValueError(f"member {info.filename[:80]!r} inflates {info.file_size // max(info.compress_size, 1)}"
+                                 f"-fold (a decompression bomb?)")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(member, max_header_size=1 << 16)
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > info.file_size:
+                raise ValueError(f"member {info.filename[:80]!r} declares {declared:,} bytes but holds "
+                                 f"{info.file_size:,}")
+
+
+@contextlib.contextmanager
+def open_npz(path, what: str, error=BadInput, max_bytes: int | None = None):
+    """``np.load`` of an untrusted .npz (no pickles), its members checked first (:func:`_check_npz_members`);
+    any way it fails to read is one ``error`` naming the file."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        _check_npz_members(path, max_bytes)
+        with np.load(path, allow_pickle=False) as f:
+            yield f
+    except (OSError, KeyError, ValueError, TypeError, EOFError, SyntaxError, zipfile.BadZipFile,
+            zipfile.LargeZipFile, NotImplementedError) as exc:
+        raise error(f"cannot read {what} {path}: {(str(exc).splitlines() or [''])[0][:200]}") from None
+
+
 def read_jsonl(path, what: str = "log") -> tuple[list[dict], int]:
     """The JSON objects of a JSON-lines file up to its first line that is not one (a torn last line of a killed
     writer, or garbage), and how many lines were left out after it."""
@@ -200,11 +248,12 @@ class StepOutputs:
     refused before anything is written, and a step that fails removes every output it wrote or replaced (a
     directory only if it made it)."""
 
-    def __init__(self, inputs, outputs):
+    def __init__(self, inputs, outputs, updates=()):
         self.inputs = [Path(p) for p in inputs if p is not None]
         self.outputs = [Path(p) for p in outputs if p is not None]
-        for i, out in enumerate(self.outputs):
-            for other in [*self.inputs, *self.outputs[:i]]:
+        written = [*self.outputs, *(Path(p) for p in updates if p is not None)]  # updates: rewritten in place, last
+        for i, out in enumerate(written):
+            for other in [*self.inputs, *written[:i]]:
                 if out == other or (out.exists() and other.exists() and os.path.samefile(out, other)):
                     raise BadInput(f"{out} is also {'an input' if other in self.inputs else 'another output'} of "
                                    f"this step ({other}): refusing to write over it")

@@ -89,9 +89,14 @@ class RunLayout:
         self.teacher_downloads = dict(self.scaling.teachers) if self.scaling and self.scaling.teachers else None
         self.teacher_pickle = (f"resources/teachers/{posixpath.basename(teacher.url)}"
                                if teacher.source == "edm" else None)
+        # FD_DINOv2's network, when the run scores it: a download, beside Inception.
+        dinov2 = spec.fid.dinov2
+        self.dinov2 = f"resources/fid/{posixpath.basename(dinov2.url)}" if dinov2 else None
+        self.dinov2_inputs = [self.dinov2] if dinov2 else []
         if feature_net.kind == "inception":  # a download; its statistics serve every run on the dataset
             self.feature_net = f"resources/fid/{posixpath.basename(feature_net.url)}"
-            self.reference = f"resources/fid/{dataset.source}-{dataset.resolution}-inception-reference.npz"
+            self.reference = (f"resources/fid/{dataset.source}-{dataset.resolution}-inception"
+                              f"{'-dinov2' if dinov2 else ''}-reference.npz")
         else:  # the toy's digits classifier, trained by the run
             self.feature_net = f"{self.results}/fid/feature-net.pt"
             self.reference = f"{self.results}/fid/reference.npz"
@@ -107,6 +112,7 @@ class RunLayout:
         self.downloads = {rule: (path, entry) for rule, path, entry in (
             ("fetch_dataset", self.dataset_archive, dataset), *teachers,
             ("fetch_feature_net", self.feature_net if feature_net.kind == "inception" else None, feature_net),
+            ("fetch_dinov2", self.dinov2, dinov2),
             ("fetch_published_reference", self.published_reference, published),
         ) if path}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import zipfile
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ect.errors import BadInput
-from ect.fileio import write_bytes_atomic
+from ect.fileio import open_npz, write_bytes_atomic
 from ect.layout import SAMPLE_SETS
 from ect.spec import MAX_SEEDS
 
@@ -195,11 +194,8 @@ def save_samples(path, images: np.ndarray, seeds, meta: dict, labels: np.ndarray
 
 def load_sample_labels(path, count: int) -> np.ndarray | None:
     """The class of each of a samples file's ``count`` images, or None for an unconditional model."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            labels = f["labels"] if "labels" in f.files else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise SamplingError(f"cannot read samples {path}: {exc}") from exc
+    with open_npz(path, "samples", SamplingError) as f:
+        labels = f["labels"] if "labels" in f.files else None
     if labels is not None and (labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer)
                                or (count and labels.min() < 0)):
         raise SamplingError(f"{path}: labels must be {count} non-negative integers, not {labels.dtype} {labels.shape}")
@@ -208,16 +204,11 @@ def load_sample_labels(path, count: int) -> np.ndarray | None:
 
 def load_samples(path) -> tuple[np.ndarray, np.ndarray, dict]:
     """(images uint8 NHWC, seeds, meta) of a samples file, checked: one image per seed, no seed twice."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("images", "seeds", "meta") if k not in f.files]
-            if missing:
-                raise SamplingError(f"{path} is not a samples file written by 'ect sample': it has no {missing}")
-            images, seeds, meta = f["images"], f["seeds"], json.loads(str(f["meta"]))
-    except SamplingError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise SamplingError(f"cannot read samples {path}: {exc}") from exc
+    with open_npz(path, "samples", SamplingError) as f:
+        missing = [k for k in ("images", "seeds", "meta") if k not in f.files]
+        if missing:
+            raise SamplingError(f"{path} is not a samples file written by 'ect sample': it has no {missing}")
+        images, seeds, meta = f["images"], f["seeds"], json.loads(str(f["meta"]))
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise SamplingError(f"{path}: images must be uint8 (N, H, W, 1 or 3), not {images.dtype} {images.shape}")
     if seeds.ndim != 1 or len(seeds) != len(images) or not np.issubdtype(seeds.dtype, np.integer):

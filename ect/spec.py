@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from ect.layout import SAMPLE_SETS
+from ect.metrics import FID_MODES, INCEPTION_FILE
 from ect.typed import Bound, ConfigError, Mapping, When, build, json_schema, plain, setting
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -101,7 +102,7 @@ class Download:
 class Teacher:
     """The diffusion model ECT starts from."""
 
-    CONDITIONS: ClassVar = (When("source", "edm", require=("url", "sha256")),)
+    CONDITIONS: ClassVar = (When("source", "edm", require=("url", "sha256"), nullable=("sha256",)),)
     source: Literal["pretrain", "edm"] = setting(
         doc="pretrain: train a small teacher (toy); edm: download an EDM or EDM2 pickle and convert it")
     url: str | None = setting(None, "the pickle's http(s) URL", URL)
@@ -273,7 +274,7 @@ class Sample:
 class FeatureNet:
     """The network whose features FID compares."""
 
-    CONDITIONS: ClassVar = (When("kind", "inception", require=("url", "sha256")),)
+    CONDITIONS: ClassVar = (When("kind", "inception", require=("url", "sha256"), nullable=("sha256",)),)
     kind: Literal["digits-classifier", "inception"] = setting(
         doc="digits-classifier: trained by a rule (toy); inception: clean-fid's inception-2015-12-05.pt")
     seed: int = setting(0, "digits-classifier: its training seed", ge=0, lt=2**63)
@@ -289,8 +290,6 @@ class FeatureNet:
                               f"{posixpath.basename(self.url)[:80]!r}")
 
 
-INCEPTION_FILE = "inception-2015-12-05.pt"
-FID_MODES = ("legacy_tensorflow", "clean")  # clean-fid's names; legacy_tensorflow is the paper's protocol
 
 
 @dataclass(frozen=True)
@@ -310,6 +309,9 @@ class Fid:
         None, "the reference statistics a paper's authors published for this dataset and feature network (EDM's "
               "fid-refs/cifar10-32x32.npz): ours are compared with them before samples are spent (a Frechet "
               "distance below 0.01 passes)")
+    dinov2: Download | None = setting(
+        None, "DINOv2 ViT weights (dinov2_vitl14_pretrain.pth): every sample set, curve point and scaling point is "
+              "also scored with FD_DINOv2, EDM2's protocol (class token at 224 px); null: FID only")
 
     def __post_init__(self):
         if self.feature_net.kind == "digits-classifier" and self.modes != ("clean",):
@@ -673,15 +675,15 @@ STEP_READS = {
     "pretrain": ("pretrain", "scaling.sizes.{size}"),
     "tune": ("tune", "scaling.sizes.{size}", "scaling.tune.{size}"),
     "sample": ("sample",),
-    "fid": ("sample.sets", "sample.batch", "fid.modes", "fid.feature_net"),
+    "fid": ("sample.sets", "sample.batch", "fid.modes", "fid.feature_net", "fid.dinov2"),
     "fid_curve": ("fid", "sample.t_mid", "sample.class_labels", "sample.batch"),
     "scaling_point": ("scaling.samples", "scaling.sets", "sample.t_mid", "sample.class_labels", "sample.batch",
-                      "fid.curve_steps", "fid.modes", "fid.feature_net"),
+                      "fid.curve_steps", "fid.modes", "fid.feature_net", "fid.dinov2"),
     "fid_snapshot": ("sample.sets", "sample.samples_per_set", "sample.t_mid", "sample.class_labels", "sample.batch",
-                     "fid.curve_steps", "fid.modes", "fid.feature_net"),
+                     "fid.curve_steps", "fid.modes", "fid.feature_net", "fid.dinov2"),
     "fid_budget": ("report.paper.budget", "sample.sets", "sample.samples_per_set", "sample.t_mid",
                    "sample.class_labels", "sample.batch", "fid.curve_steps", "fid.curve_samples", "fid.modes",
-                   "fid.feature_net"),
+                   "fid.feature_net", "fid.dinov2"),
     "report": ("",),
 }
 

@@ -59,7 +59,7 @@ class Bound:
         return None
 
     def _number_problem(self, value) -> str | None:
-        if not math.isfinite(value):
+        if type(value) is float and not math.isfinite(value):
             return f"{value} is not a finite number"
         for limit, fails, words in ((self.ge, lambda v, x: v < x, "less than the minimum of"),
                                     (self.gt, lambda v, x: v <= x, "less than or equal to the minimum of"),
@@ -105,8 +105,9 @@ class When:
 
     field: str
     value: Any
-    require: tuple = ()
+    require: tuple = ()  # keys that must be given, with a value
     equal: dict = dataclasses.field(default_factory=dict)  # field -> the only value it may then take
+    nullable: tuple = ()  # keys of ``require`` that must be given but may be null (a checksum: trust on first use)
 
 
 class Mapping:
@@ -143,7 +144,7 @@ def build(cls, data, path: str = ""):
     for rule in getattr(cls, "CONDITIONS", ()):
         if data.get(rule.field, fields[rule.field][1].default) == rule.value:
             for key in rule.require:
-                if key not in data:
+                if key not in data or (data[key] is None and key not in rule.nullable):
                     raise ConfigError(f"{where(path)}: '{key}' is a required property when {rule.field} is "
                                     f"{rule.value!r}")
             for key, only in rule.equal.items():
@@ -199,6 +200,9 @@ def convert(tp, value, path: str, bound: Bound | None = None):
     return value
 
 
+# No setting comes near these: integers fit int64 (seeds are below 2^63), and numbers stay far enough below
+# float's range that what is derived from them (iteration counts, products of settings) cannot overflow.
+MAX_INTEGER, MAX_NUMBER = 2**63 - 1, 1e15
 TYPE_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string"}
 
 
@@ -213,6 +217,9 @@ def _check_scalar(tp, value, path: str) -> None:
         raise ConfigError(f"{path}: {_show(value)} is not of type '{TYPE_NAMES[tp]}'")
     if tp is float and not math.isfinite(value):  # NaN passes every comparison
         raise ConfigError(f"{path}: {value} is not a finite number")
+    limit = MAX_INTEGER if tp is int else MAX_NUMBER
+    if tp in (int, float) and not -limit <= value <= limit:
+        raise ConfigError(f"{path}: {_show(value)} is beyond {limit:.3g} in magnitude: no setting is that large")
 
 
 def _first_fitting(options, value, path: str):
@@ -278,7 +285,9 @@ def _object_schema(cls, defs: dict) -> dict:
     if required:
         out["required"] = required
     conditions = [{"if": {"properties": {c.field: {"const": c.value}}},
-                   "then": {"required": list(c.require), "properties": {k: {"const": v} for k, v in c.equal.items()}}}
+                   "then": {"required": list(c.require), "properties": {
+                       **{k: {"not": {"type": "null"}} for k in c.require if k not in c.nullable},
+                       **{k: {"const": v} for k, v in c.equal.items()}}}}
                   for c in getattr(cls, "CONDITIONS", ())]
     if conditions:
         out["allOf"] = conditions

@@ -350,7 +350,8 @@ def published_stats_like(tarball: bytes, inception: bytes, work) -> tuple[bytes,
     """Stand-ins for EDM's published CIFAR-10 statistics (an .npz of mu and sigma): ours of the same images with the
     same Inception-like file (a check against them passes), and the same with mu shifted (it fails)."""
     from ect.data import prepare_dataset, save_dataset
-    from ect.fid import load_stats, reference_statistics
+    from ect.fid import reference_statistics
+    from ect.metrics.frechet import load_stats
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)

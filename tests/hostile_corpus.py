@@ -254,6 +254,126 @@ def fid_curve_garbage(d: Path):
             "--feature-net", "f.pt", "--out", "out.json"], "c.yaml"
 
 
+# ---- configs: YAML the parser itself cannot build, and values whose consequences overflow
+
+TOY = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
+
+
+def config_overlay(d: Path, text: str) -> list[str]:
+    """A step that reads the toy preset with ``text`` as an overlay (refused while reading the config)."""
+    (d / "c.yaml").write_text(text)
+    return ["sample", "--config", str(TOY), "c.yaml", "--set", "ect-1step", "--checkpoint", "x.pt", "--out", "out.npz"]
+
+
+def yaml_deep_nesting(d: Path):
+    return config_overlay(d, "x: " + "[" * 5000 + "]" * 5000 + "\n"), "nested deeper than"
+
+
+def yaml_impossible_date(d: Path):
+    return config_overlay(d, "tune: {kimg: 2001-13-45}\n"), "tune.kimg: '2001-13-45' is not of type 'number'"
+
+
+def yaml_explicit_tag(d: Path):
+    return config_overlay(d, "tune: {kimg: !!float abc}\n"), "YAML tags"
+
+
+def yaml_huge_integer(d: Path):
+    return config_overlay(d, "tune: {seed: " + "9" * 5000 + "}\n"), "an integer of 5000 digits"
+
+
+def value_that_overflows_downstream(d: Path):
+    return config_overlay(d, "tune: {kimg: 1.0e+306}\n"), "no setting is that large"
+
+
+def required_value_null(d: Path):
+    return config_overlay(d, "fid: {feature_net: {kind: inception, url: null, sha256: null}, modes: [clean]}\n"), \
+        "'url' is a required property"
+
+
+# ---- weights that claim more than the file holds; arrays that inflate; statistics that overflow
+
+def shared_storage_snapshot(d: Path):
+    """An EDM snapshot whose every weight is a view of one storage: the file holds one weight's bytes, the
+    network its arch describes is many times larger."""
+    import pickle
+
+    import torch
+
+    from ect import networks
+    from tests import helpers
+
+    kwargs = dict(model_channels=32, channel_mult=[1, 1, 1, 1], num_blocks=2, attn_resolutions=[], dropout=0.0)
+    with torch.device("meta"):
+        net = networks.Precond("edm", img_resolution=32, img_channels=3, **kwargs)
+    storage = legacy_storage(max(p.numel() for p in net.state_dict().values()))
+
+    class Shared:
+        def __reduce__(self):
+            return torch.storage._load_from_bytes, (storage,)
+
+    shared = Shared()
+
+    class OneStorage(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, torch.Tensor):
+                shape = tuple(obj.shape)
+                strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+                return torch._utils._rebuild_tensor_v2, (shared, 0, shape, strides, False, None)
+            return NotImplemented
+
+    buf = io.BytesIO()
+    with helpers.fake_torch_utils():
+        OneStorage(buf, protocol=4).dump({"ema": helpers.edm_network(net.eval(), kwargs)})
+    (d / "shared.pkl").write_bytes(buf.getvalue())
+    return ["convert-edm", "shared.pkl", "out.pt"], "overlapping views of one storage"
+
+
+def npz_member(archive, name: str, shape: tuple, chunk: bytes = b"", chunks: int = 0) -> None:
+    """An .npy member declaring ``shape`` (float64), streamed: a header and ``chunks`` copies of ``chunk``."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    with archive.open(name, "w", force_zip64=True) as member:
+        member.write(header.getvalue())
+        for _ in range(chunks):
+            member.write(chunk)
+
+
+def npz_decompression_bomb(d: Path):
+    """A 7000 x 7000 covariance of zeros (under the size cap): 392 MB inflated from well under 1 MB."""
+    import zipfile
+
+    np.savez(d / "ours.npz", mu_clean=np.zeros(4), sigma_clean=np.eye(4),
+             meta=np.array(json.dumps({"modes": ["clean"]})))
+    with zipfile.ZipFile(d / "theirs.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        npz_member(archive, "mu.npy", (7000,), bytes(7000 * 8), 1)
+        npz_member(archive, "sigma.npy", (7000, 7000), bytes(1_000_000), 7000 * 7000 * 8 // 1_000_000)
+    return ["reference-check", "--ours", "ours.npz", "--theirs", "theirs.npz", "--mode", "clean", "--out",
+            "out.json"], "fold (a decompression bomb?)"
+
+
+def npz_header_larger_than_its_data(d: Path):
+    """A member whose header declares 8 TB: numpy would allocate it before reading."""
+    import zipfile
+
+    with zipfile.ZipFile(d / "s.npz", "w") as archive:
+        npz_member(archive, "images.npy", (2**40,))
+    return ["merge-samples", "out.npz", "s.npz"], "declares 8,796,093,022,208 bytes but holds"
+
+
+def statistics_that_overflow(d: Path):
+    big = np.full((64, 64), 1e308)
+    np.savez(d / "ours.npz", mu_clean=np.zeros(64), sigma_clean=big, meta=np.array(json.dumps({"modes": ["clean"]})))
+    np.savez(d / "theirs.npz", mu=np.zeros(64), sigma=big)
+    return ["reference-check", "--ours", "ours.npz", "--theirs", "theirs.npz", "--mode", "clean", "--out",
+            "out.json"], "Frechet distance of these statistics is not"
+
+
+def trust_record_is_the_output(d: Path):
+    (d / "downloads.lock").write_text("{}\n")
+    return ["fetch", "http://127.0.0.1:9/f", "--out", "downloads.lock", "--record", "downloads.lock"], \
+        "refusing to write over it"
+
+
 # ---- outputs
 
 def output_is_an_input(d: Path):
@@ -292,6 +412,17 @@ CASES = {
     "scaling-point-not-json": Case("readers: scaling points", scaling_point_not_json, ("out.csv",)),
     "fid-curve-config": Case("readers: configs before curves", fid_curve_garbage, ("out.json",)),
     "output-is-an-input": Case("outputs: an output that is an input", output_is_an_input, ()),
+    "trust-record-is-the-output": Case("outputs: an output that is an input", trust_record_is_the_output, ()),
+    "yaml-deep-nesting": Case("configs: YAML the parser cannot build", yaml_deep_nesting, ("out.npz",)),
+    "yaml-impossible-date": Case("configs: YAML the parser cannot build", yaml_impossible_date, ("out.npz",)),
+    "yaml-explicit-tag": Case("configs: YAML the parser cannot build", yaml_explicit_tag, ("out.npz",)),
+    "yaml-huge-integer": Case("configs: YAML the parser cannot build", yaml_huge_integer, ("out.npz",)),
+    "value-overflows-downstream": Case("configs: values bounded", value_that_overflows_downstream, ("out.npz",)),
+    "required-value-null": Case("configs: values bounded", required_value_null, ("out.npz",)),
+    "shared-storage-snapshot": Case("weights: claims beyond the bytes held", shared_storage_snapshot),
+    "npz-decompression-bomb": Case("arrays: inflation bounded", npz_decompression_bomb, ("out.json",)),
+    "npz-header-larger-than-data": Case("arrays: inflation bounded", npz_header_larger_than_its_data, ("out.npz",)),
+    "statistics-that-overflow": Case("readers: reference statistics", statistics_that_overflow, ("out.json",)),
 }
 
 

@@ -1,4 +1,4 @@
-"""FD_DINOv2's feature network (ect.dinov2) against an independent float64 numpy ViT, and its loader's refusals.
+"""FD_DINOv2's feature network (ect.metrics.dinov2) against an independent float64 numpy ViT, and its loader's refusals.
 
 The tiny ViT here has the official key layout (embed 128 = 2 heads of 64, depth 2, patch 14, MLP width
 256, a 4x4 position grid so that a 224 px input interpolates it to 16x16). The image resize is torch's
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import erf
 
-from ect.dinov2 import DINOv2Error, expected_shapes, extract_features, interpolate_pos_embed, load_dinov2
+from ect.metrics.dinov2 import DINOv2Error, expected_shapes, extract_features, interpolate_pos_embed, load_dinov2
 
 WIDTH, PATCH, DEPTH, HIDDEN, GRID = 128, 14, 2, 256, 4
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -237,7 +237,7 @@ def _stride_zero(shape):
 
 
 def _shape(**sizes):
-    from ect.dinov2 import DINOv2Shape
+    from ect.metrics.dinov2 import DINOv2Shape
     return DINOv2Shape(**{**dict(embed_dim=64, patch_size=14, depth=1, mlp_hidden=64, pos_grid=2), **sizes})
 
 
@@ -283,3 +283,32 @@ def test_unreadable_files_are_refused(tmp_path, content):
     with pytest.raises(DINOv2Error, match="cannot read DINOv2 weights") as info:
         load_dinov2(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fd_dinov2_of_the_small_vit_equals_an_independent_float64_computation(tmp_path):
+    """The pipeline's FD_DINOv2 (its extractor, statistics and Fréchet distance) against numpy features, numpy
+    statistics and scipy's matrix square root, all in float64."""
+    from scipy.linalg import sqrtm
+
+    from ect.metrics.features import FeatureExtractor, compute_features
+    from ect.metrics.frechet import fid_of_sets, statistics
+
+    state = tiny_state()
+    path = save(tmp_path, state)
+    rng = np.random.default_rng(7)
+    reference_images = rng.integers(0, 256, (60, 24, 24, 3), dtype=np.uint8)
+    samples = np.clip(reference_images[:40].astype(int) + rng.integers(-40, 40, (40, 24, 24, 3)), 0, 255).astype(np.uint8)
+
+    extractor = FeatureExtractor(path, "dinov2", "fd_dinov2")
+    ours = fid_of_sets(compute_features(samples, extractor, batch=16), *statistics(
+        compute_features(reference_images, extractor, batch=16)), sets=2)
+
+    def np_frechet(a, b):
+        mu_a, mu_b = a.mean(0), b.mean(0)
+        cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * sqrtm(cov_a @ cov_b).real))
+
+    reference = np_features(state, torch_resize(reference_images))
+    theirs = [np_frechet(np_features(state, torch_resize(samples[i * 20:(i + 1) * 20])), reference) for i in range(2)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    assert min(theirs) > 0.05  # a distance that measures something (random weights: small features)

@@ -179,8 +179,11 @@ def test_every_fetch_has_an_overall_deadline(server, tmp_path):
     ("a: &x {sha256: x}\nb: *x\n", "aliases"),
     ("http://h/f: {sha256: " + "0" * 64 + "}\nhttp://h/f: {sha256: " + "1" * 64 + "}\n", "appears twice"),
     ("http://h/f: {sha256: 12}\n", "malformed entry"),
-    ("http://h/f: {sha256: " + "0" * 64 + ", size: -1}\n", "malformed entry"),
-    ("file:///etc/passwd: {sha256: " + "0" * 64 + "}\n", "malformed entry"),
+    ("http://h/f: {sha256: " + "a" * 64 + ", size: -1}\n", "malformed entry"),
+    ("file:///etc/passwd: {sha256: " + "a" * 64 + "}\n", "malformed entry"),
+    ("http://h/f: {sha256: " + "0" * 64 + "}\n", "an integer of 64 digits"),
+    ("http://h/f: {recorded: 2024-02-30}\n", "malformed entry"),
+    ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than"),
     ("[1, 2]\n", "not a mapping"),
 ])
 def test_the_checksum_record_is_read_like_any_untrusted_yaml(server, tmp_path, text, why):

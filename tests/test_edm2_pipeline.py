@@ -11,8 +11,8 @@ import pytest
 
 from ect.checkpoint import read_checkpoint
 from ect.data import load_dataset
-from ect.fid import compute_features, extractors
 from ect.layout import SAMPLE_SETS, RunLayout
+from ect.metrics.features import compute_features, extractors
 from ect.sample import class_labels
 from ect.spec import load_spec
 from tests.helpers import ROOT, clone_repo, run

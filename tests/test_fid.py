@@ -5,18 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from ect.fid import (
-    FeatureExtractor,
-    FIDError,
-    compute_features,
-    fid_of_sets,
-    frechet_distance,
-    load_feature_net,
-    load_stats,
-    save_stats,
-    statistics,
-)
 from ect.fileio import ChecksumError, sha256_file
+from ect.metrics import FIDError
+from ect.metrics.features import FeatureExtractor, compute_features, load_feature_net
+from ect.metrics.frechet import fid_of_sets, frechet_distance, load_stats, save_stats, statistics
 from tests.helpers import run_ect, write_config
 
 
@@ -171,7 +163,8 @@ def test_published_statistics_are_read_from_edm_npz_and_edm2_pickles_and_compare
     limited child: numpy's array reconstruction is its only global). The check is their Frechet distance to ours."""
     import pickle
 
-    from ect.fid import compare_reference, save_stats
+    from ect.fid import compare_reference
+    from ect.metrics.frechet import save_stats
     from ect.untrusted import Refused
 
     rng = np.random.default_rng(0)

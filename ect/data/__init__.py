@@ -6,12 +6,11 @@ timestamps or compression, so the same images always give the same hash.
 from __future__ import annotations
 
 import hashlib
-import zipfile
 
 import numpy as np
 
 from ect.errors import BadInput
-from ect.fileio import atomic_path
+from ect.fileio import atomic_path, open_npz
 
 
 class DatasetError(BadInput):
@@ -54,40 +53,18 @@ def check_dataset(images: np.ndarray, labels: np.ndarray, where="dataset") -> No
 
 
 def load_dataset(path, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            images, labels, digest = f["images"], f["labels"], str(f["content_sha256"])
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
+    with open_npz(path, "dataset", DatasetError) as f:
+        images, labels, digest = f["images"], f["labels"], str(f["content_sha256"])
     check_dataset(images, labels, f"dataset {path}")
     if verify and content_hash(images, labels) != digest:
         raise DatasetError(f"dataset {path} does not match its recorded content hash (corrupt?)")
     return images, labels
 
 
-MAX_LABELS = 100_000_000  # labels in one dataset: ImageNet has 1.28M
-
-
-def _check_npy_header(path, key: str, max_items: int) -> None:
-    """Refuse an array member whose header declares more than ``max_items`` items, before it is inflated."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read(f)
-    if int(np.prod(shape, dtype=object)) > max_items:
-        raise DatasetError(f"dataset {path}: '{key}' declares shape {shape}, more than {max_items:,} items")
-
-
 def load_labels(path) -> np.ndarray:
     """A dataset's labels alone (the images are not read: ImageNet's are 15 GB)."""
-    try:
-        _check_npy_header(path, "labels", MAX_LABELS)
-        with np.load(path, allow_pickle=False) as f:
-            labels = f["labels"]
-    except DatasetError:
-        raise
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
+    with open_npz(path, "dataset", DatasetError) as f:
+        labels = f["labels"]
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
         raise DatasetError(f"dataset {path}: labels must be non-negative integers, got {labels.dtype} {labels.shape}")
     return labels
@@ -95,11 +72,8 @@ def load_labels(path) -> np.ndarray:
 
 def load_dataset_digest(path) -> str:
     """The content hash recorded in a dataset file (not recomputed)."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return str(f["content_sha256"])
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
+    with open_npz(path, "dataset", DatasetError) as f:
+        return str(f["content_sha256"])
 
 
 SOURCES = ("digits", "cifar10", "imagenet")  # the config's dataset.source

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ect.checkpoint import check_weights, load_state_by_name, nonfinite_weight, save_checkpoint
+from ect.checkpoint import check_weights, load_state_by_name, save_checkpoint
 from ect.edm.pickle_reader import (
     EDM2_GLOBALS,
     EDMFormatError,
@@ -25,6 +25,7 @@ from ect.networks import (
 )
 from ect.safepickle import read_file_limited
 from ect.untrusted import MAX_SOURCE_BYTES, check_source, parse
+from ect.weights import nonfinite_weight
 
 PRECOND_KINDS = {"EDMPrecond": "edm", "ECMPrecond": "ect"}
 # SongUNet's options we rebuild (its constructor's annotated parameters); EDM's defaults apply to any not

@@ -77,6 +77,11 @@ def dataset_args(wildcards, input):
     return optional_args(["--dataset", input.labels_source[0]] if input.labels_source else [])
 
 
+def dinov2_args(wildcards, input):
+    """` --dinov2 W` for the scoring steps of a run that scores FD_DINOv2 (fid.dinov2)."""
+    return optional_args(["--dinov2", input.dinov2[0]] if input.dinov2 else [])
+
+
 def optional_args(args):
     """Arguments that may be absent, shell-quoted, each after a space: `{params.x}` right after the word before
     it gives one space between words whether there are any or not (DVC's lock file folds long commands and

@@ -27,12 +27,16 @@ if SPEC.fid.feature_net.kind == "digits-classifier":
 # `ect fid-stats` takes the feature network's settings, not the config files: presets on one dataset share
 # its statistics. A large dataset (ImageNet) splits into fid.reference_shards jobs whose moments are merged.
 FID_STATS = (
-    "exec ect fid-stats --data {input.data:q} --feature-net {input.feature_net:q} --kind {params.kind:q}"
-    "{params.checksums} --modes {params.modes:q}"
+    "exec ect fid-stats --data {input.data:q} --feature-net {input.feature_net:q}{params.dinov2} --kind {params.kind:q}"
+    "{params.checksums}{params.dinov2_checksum} --modes {params.modes:q}"
 )
 FID_STATS_PARAMS = dict(
     kind=SPEC.fid.feature_net.kind,
     checksums=checksum_args(SPEC.fid.feature_net),
+    dinov2=dinov2_args,
+    dinov2_checksum=optional_args(
+        ["--dinov2-sha256", SPEC.fid.dinov2.sha256] if SPEC.fid.dinov2 and SPEC.fid.dinov2.sha256 else []
+    ),
     modes=list(SPEC.fid.modes),
 )
 
@@ -43,6 +47,7 @@ if L.reference_shards == 1:
         input:
             data=L.dataset,
             feature_net=L.feature_net,
+            dinov2=L.dinov2_inputs,
         output:
             L.reference,
         log:
@@ -66,6 +71,7 @@ else:
         input:
             data=L.dataset,
             feature_net=L.feature_net,
+            dinov2=L.dinov2_inputs,
         output:
             L.reference_shard("{shard}"),
         log:
@@ -135,6 +141,7 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
             samples=L.samples("{set}"),
             ref=L.reference,
             feature_net=L.feature_net,
+            dinov2=L.dinov2_inputs,
         output:
             L.fid("{set}"),
         log:
@@ -151,9 +158,10 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
         params:
             config=config_files,
             settings=settings("fid"),
+            dinov2=dinov2_args,
         shell:
             "exec ect fid --config {params.config:q} --samples {input.samples:q} --ref {input.ref:q}"
-            " --feature-net {input.feature_net:q} --out {output:q} --no-progress > {log:q} 2>&1"
+            " --feature-net {input.feature_net:q}{params.dinov2} --out {output:q} --no-progress > {log:q} 2>&1"
 
     rule fid_curve:
         """FID against training budget: every EMA snapshot of the tuning run, 1 and 2 steps."""
@@ -161,6 +169,7 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
             snapshots=L.snapshots,
             ref=L.reference,
             feature_net=L.feature_net,
+            dinov2=L.dinov2_inputs,
             labels_source=L.labels_source,
         output:
             curve=L.curve,
@@ -177,10 +186,11 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
         params:
             config=config_files,
             settings=settings("fid_curve"),
+            dinov2=dinov2_args,
             dataset=dataset_args,
         shell:
             "exec ect fid-curve --config {params.config:q} --snapshots {input.snapshots:q} --ref {input.ref:q}"
-            " --feature-net {input.feature_net:q}{params.dataset} --out {output.curve:q} --table {output.table:q}"
+            " --feature-net {input.feature_net:q}{params.dinov2}{params.dataset} --out {output.curve:q} --table {output.table:q}"
             " --no-progress > {log:q} 2>&1"
 
     # The paper's numbers at an earlier budget, and a compute-budget claim (ect/claims.py judges them).
@@ -192,6 +202,7 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
                 snapshots=L.snapshots,
                 ref=L.reference,
                 feature_net=L.feature_net,
+                dinov2=L.dinov2_inputs,
                 labels_source=L.labels_source,
             output:
                 L.snapshot_fid("{kimg}"),
@@ -209,10 +220,11 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
             params:
                 config=config_files,
                 settings=settings("fid_snapshot"),
+                dinov2=dinov2_args,
                 dataset=dataset_args,
             shell:
                 "exec ect fid-snapshot --config {params.config:q} --snapshots {input.snapshots:q}"
-                " --kimg {wildcards.kimg:q} --ref {input.ref:q} --feature-net {input.feature_net:q}{params.dataset}"
+                " --kimg {wildcards.kimg:q} --ref {input.ref:q} --feature-net {input.feature_net:q}{params.dinov2}{params.dataset}"
                 " --out {output:q} --no-progress > {log:q} 2>&1"
 
     if L.judges_budget:
@@ -224,6 +236,7 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
                 snapshots=L.snapshots,
                 ref=L.reference,
                 feature_net=L.feature_net,
+                dinov2=L.dinov2_inputs,
                 labels_source=L.labels_source,
             output:
                 L.budget_fid,
@@ -239,8 +252,9 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
             params:
                 config=config_files,
                 settings=settings("fid_budget"),
+                dinov2=dinov2_args,
                 dataset=dataset_args,
             shell:
                 "exec ect fid-budget --config {params.config:q} --curve {input.curve:q} --snapshots {input.snapshots:q}"
-                " --ref {input.ref:q} --feature-net {input.feature_net:q}{params.dataset} --out {output:q}"
+                " --ref {input.ref:q} --feature-net {input.feature_net:q}{params.dinov2}{params.dataset} --out {output:q}"
                 " --no-progress > {log:q} 2>&1"

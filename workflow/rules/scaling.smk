@@ -11,6 +11,7 @@ rule scaling_point:
         snapshots=L.snapshots,
         ref=L.reference,
         feature_net=L.feature_net,
+        dinov2=L.dinov2_inputs,
         labels_source=L.labels_source,
     output:
         L.scaling_point("{size}", "{kimg}"),
@@ -29,10 +30,11 @@ rule scaling_point:
     params:
         config=config_files,
         settings=settings("scaling_point"),
+        dinov2=dinov2_args,
         dataset=dataset_args,
     shell:
         "exec ect scaling-point --config {params.config:q} --snapshots {input.snapshots:q} --size {wildcards.size:q}"
-        " --kimg {wildcards.kimg:q} --ref {input.ref:q} --feature-net {input.feature_net:q}{params.dataset}"
+        " --kimg {wildcards.kimg:q} --ref {input.ref:q} --feature-net {input.feature_net:q}{params.dinov2}{params.dataset}"
         " --out {output:q} --no-progress > {log:q} 2>&1"
 
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ect.checkpoint import nonfinite_weight
 from ect.errors import BadInput
+from ect.weights import bytes_beyond_held, nonfinite_weight
 
 HEAD_DIM = 64  # every DINOv2 ViT (S, B, L, g) uses 64-wide heads; the file does not store the head count
 LAYER_NORM_EPS = 1e-6
@@ -259,20 +259,13 @@ def check_state_dict(state, where: str) -> DINOv2Shape:
             raise DINOv2Error(f"{where}: {key} has shape {tuple(state[key].shape)}, the layout needs {size}")
         if not state[key].is_floating_point():
             raise DINOv2Error(f"{where}: {key} holds {state[key].dtype}, not floating-point weights")
-    _check_bytes_held(state, where)
+    beyond = bytes_beyond_held(state)
+    if beyond:
+        raise DINOv2Error(f"{where}: its tensors claim {beyond[0]} bytes but the file holds {beyond[1]}")
     bad = nonfinite_weight(state)
     if bad is not None:
         raise DINOv2Error(f"{where}: weight {bad} holds NaN or infinite values")
     return shape
-
-
-def _check_bytes_held(state: dict, where: str) -> None:
-    """A saved tensor may be a view with zero strides over a tiny storage: building from it would
-    allocate what the shapes claim, not what the file holds. Refuse claims beyond the storages."""
-    claimed = sum(t.numel() * t.element_size() for t in state.values())
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
-    if claimed > sum(storages.values()):
-        raise DINOv2Error(f"{where}: its tensors claim {claimed} bytes but the file holds {sum(storages.values())}")
 
 
 def load_dinov2(path) -> DINOv2ViT:
