@@ -73,11 +73,17 @@ def feature_args(p, scoring=True) -> None:
 
 def train_args(p, with_teacher: bool) -> None:
     config_arg(p)
-    p.add_argument("--size", help="a scaling study's model size: its scaling.sizes overrides apply to the arch")
+    if with_teacher:
+        p.add_argument("--model", help="a scaling study's run (scaling.models: a size, <size>-seed<k>, "
+                                        "<size>-batch<b>): its size's overrides, its seed, batch and length apply")
+    else:
+        p.add_argument("--size", help="a scaling study's model size: its scaling.sizes overrides apply to the arch")
     p.add_argument("--data", required=True, help="dataset .npz written by 'ect' (uint8 images + labels)")
     if with_teacher:
         p.add_argument("--teacher", required=True, help="initial checkpoint (teacher.pt from convert-edm or pretrain)")
         p.add_argument("--snapshots", help="directory that receives the EMA snapshots at the end")
+        p.add_argument("--emas", help="directory that receives every EMA at the end (the classic one and each "
+                                      "power-function one), for scoring them all")
     p.add_argument("--state-dir", required=True,
                    help="resumable state (weights, EMA, optimiser, step, RNG); rerunning the command resumes from it; "
                         "one trainer at a time (it holds a lock on the directory)")
@@ -175,21 +181,30 @@ def run_fetch(args) -> int:
 
 
 def settings_of(args, step: str):
-    """The settings a step may read (ect/spec.py: STEP_READS), from its --config files (and --size)."""
+    """The settings a step may read (ect/spec.py: STEP_READS), from its --config files (and --size or --model)."""
     from ect.spec import load_spec, step_settings
 
-    return step_settings(load_spec(*args.config), step, {"size": getattr(args, "size", None)})
+    spec = load_spec(*args.config)
+    wildcards = {"size": getattr(args, "size", None), "model": getattr(args, "model", None)}
+    if wildcards["model"] is not None:
+        models = spec.scaling.models if spec.scaling else {}
+        if wildcards["model"] not in models:
+            raise BadInput(f"--model {wildcards['model']!r} is not a run of the config's scaling study "
+                           f"({', '.join(models) or 'no scaling section'})")
+        wildcards["size"] = models[wildcards["model"]].size
+    return step_settings(spec, step, wildcards)
 
 
 def run_train(args) -> int:
     from ect.spec import training_options
     from ect.train import run_cli
 
-    cfg = training_options(settings_of(args, args.command), args.command, size=args.size)
+    cfg = training_options(settings_of(args, args.command), args.command, size=getattr(args, "size", None),
+                           model=getattr(args, "model", None))
     set_threads(args.threads)
     return run_cli(cfg, data_path=args.data, state_dir=args.state_dir, out_path=args.out,
                    init_path=getattr(args, "teacher", None), snapshot_dir=getattr(args, "snapshots", None),
-                   log_path=args.log, progress=not args.no_progress)
+                   emas_dir=getattr(args, "emas", None), log_path=args.log, progress=not args.no_progress)
 
 
 def sample_flag_defaults() -> dict:
@@ -327,6 +342,18 @@ def run_fid_snapshot(args) -> int:
     return 0
 
 
+def run_fid_emas(args) -> int:
+    from ect.fid import fid_emas
+    from ect.fileio import write_json_atomic
+
+    result = fid_emas(settings_of(args, "fid_emas"), args.emas, args.ref, feature_files(args), setup_device(args),
+                      dataset=args.dataset)
+    write_json_atomic(args.out, result)
+    say(f"scored {len(result['points'])} EMAs ({result['sets']} sets of {result['samples']}); lowest: " + ", ".join(
+        f"{k} {v['mean']:.3f} (sigma_rel {v['ema_std']:g})" for k, v in result["min"].items()) + f" -> {args.out}")
+    return 0
+
+
 def run_fid_budget(args) -> int:
     from ect.fid import fid_budget
     from ect.fileio import write_json_atomic
@@ -349,10 +376,10 @@ def run_scaling_point(args) -> int:
     from ect.fid import scaling_point
     from ect.fileio import write_json_atomic
 
-    point = scaling_point(settings_of(args, "scaling_point"), args.snapshots, args.kimg, args.size, args.ref, feature_files(args),
+    point = scaling_point(settings_of(args, "scaling_point"), args.snapshots, args.kimg, args.model, args.ref, feature_files(args),
                           setup_device(args), dataset=args.dataset)
     write_json_atomic(args.out, point)
-    say(f"size {args.size} at {args.kimg:g} kimg: " + ", ".join(
+    say(f"run {args.model} at {args.kimg:g} kimg: " + ", ".join(
         f"{k[4:]} FID {sum(v) / len(v):.3f}" for k, v in point.items() if k.startswith("fid_")) + f" -> {args.out}")
     return 0
 
@@ -550,6 +577,14 @@ def _fid_snapshot_args(p):
     device_args(p)
 
 
+def _fid_emas_args(p):
+    config_arg(p)
+    p.add_argument("--emas", required=True, help="the tuning run's EMAs at its end (a directory of *.pt, tune --emas)")
+    feature_args(p)
+    dataset_arg(p)
+    device_args(p)
+
+
 def _fid_budget_args(p):
     config_arg(p)
     p.add_argument("--curve", required=True, help="the FID curve (.json) from 'ect fid-curve'")
@@ -570,7 +605,8 @@ def _report_args(p):
 def _scaling_point_args(p):
     config_arg(p)
     p.add_argument("--snapshots", required=True, help="the size's tuning snapshots (a directory of *.pt)")
-    p.add_argument("--size", required=True, help="the size's name (scaling.sizes)")
+    p.add_argument("--model", required=True, help="the run's name (scaling.models: a size, <size>-seed<k>, "
+                                                   "<size>-batch<b>)")
     p.add_argument("--kimg", required=True, type=float, help="the budget point: the snapshot at this many kimg")
     feature_args(p)
     dataset_arg(p)
@@ -631,7 +667,7 @@ STEPS = [
          "Easy Consistency Tuning from a teacher checkpoint. Options come from the config's 'tune' section. Runs under "
          "torchrun for DDP (global batch fixed)." + RESUME_HELP, lambda p: train_args(p, with_teacher=True),
          run_train,
-         inputs=('config', 'data', 'teacher'), outputs=('out', 'snapshots', 'log')),
+         inputs=('config', 'data', 'teacher'), outputs=('out', 'snapshots', 'emas', 'log')),
     Step("sample", "generate images (consistency 1/2-step, or the teacher's Heun sampler)",
          "Generate images; image i uses a generator seeded with i, so any seed subset is reproducible and jobs can be "
          "split and merged. Writes uint8 NHWC .npz (+ PNG grid). With --config and --set, the sampler settings come "
@@ -678,6 +714,12 @@ STEPS = [
          "each of fid.curve_steps consistency steps, against the reference; with its cost from its meta.",
          _fid_snapshot_args, run_fid_snapshot,
          inputs=('config', 'snapshots', 'ref', 'feature_net', 'dinov2', 'dataset'), outputs=('out',)),
+    Step("fid-emas", "FID of every EMA a run saved at its end (classic and power-function), full protocol",
+         "Score each EMA of --emas as the final model is scored (sample.sets sets of sample.samples_per_set at each "
+         "of fid.curve_steps steps, FD_DINOv2 too when the run scores it), as EDM2 scores each EMA length; the "
+         "minimum of each metric and which EMA is the run's output (tune.output_ema_std).",
+         _fid_emas_args, run_fid_emas,
+         inputs=('config', 'emas', 'ref', 'feature_net', 'dinov2', 'dataset'), outputs=('out',)),
     Step("fid-budget", "judge a compute-budget claim (FID F within H GPU-hours) from the tuning snapshots",
          "Read the FID curve, score the snapshots near the crossing of report.paper.budget.fid and the best within "
          "its GPU-hours with the full protocol, and write time-to-FID, the best FID within the budget and the verdict "

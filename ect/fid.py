@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import zipfile
 from dataclasses import dataclass
@@ -280,7 +281,9 @@ def score_snapshot(path, settings, scorers: dict, sets: int, samples: int, devic
     net = load_network(path, device=device)
     meta = read_checkpoint(path)["meta"]
     trained_on = meta.get("device") if isinstance(meta.get("device"), dict) else {}
-    point = {"snapshot": Path(path).name, **{k: meta.get(k) for k in COST_KEYS}, "device": trained_on.get("name")}
+    point = {"snapshot": Path(path).name, **{k: meta.get(k) for k in COST_KEYS}, "device": trained_on.get("name"),
+             "params": sum(p.numel() for p in net.parameters()),
+             "flops_per_iteration": meta.get("flops_per_iteration")}
     seeds, batch = list(range(sets * samples)), settings.sample.batch
     labels = labels_for(net, seeds, settings.sample.class_labels or LABEL_SAMPLING[0], dataset)
     for steps in settings.fid.curve_steps:
@@ -345,8 +348,8 @@ def scaling_point(settings, snapshot_dir, kimg: float, model: str, ref_path, net
     scaling.sets sets of scaling.samples at each of fid.curve_steps steps."""
     scored = score_snapshots(settings, [snapshot_at(snapshot_dir, kimg)], settings.scaling.sets,
                              settings.scaling.samples, ref_path, nets, device, dataset)
-    point = scored.pop("points")[0]
-    return {"model": model, **point, **scored}
+    point, run = scored.pop("points")[0], settings.scaling.models[model]
+    return {"model": model, "size": run.size, "design": run.design, **point, **scored}
 
 
 def fid_snapshot(settings, snapshot_dir, kimg: float, ref_path, nets: FeatureFiles, device, dataset=None) -> dict:
@@ -355,6 +358,26 @@ def fid_snapshot(settings, snapshot_dir, kimg: float, ref_path, nets: FeatureFil
     scored = score_snapshots(settings, [snapshot_at(snapshot_dir, kimg)], settings.sample.sets,
                              settings.sample.samples_per_set, ref_path, nets, device, dataset)
     return {**scored.pop("points")[0], **scored}
+
+
+def fid_emas(settings, emas_dir, ref_path, nets: FeatureFiles, device, dataset=None) -> dict:
+    """Every EMA a run saved at its end (the classic one and each power-function one), scored as the final model
+    is (sample.sets sets of sample.samples_per_set at each of fid.curve_steps steps), as EDM2 scores each EMA
+    length; the minimum of each metric, and which EMA the run's output (and its verdicts) is."""
+    from ect.checkpoint import read_checkpoint
+
+    paths = sorted(Path(emas_dir).glob("*.pt"))
+    if not paths:
+        raise FIDError(f"no EMAs (*.pt) in {emas_dir}: the run tracks no power-function EMAs (tune.pf_ema_stds)")
+    scored = score_snapshots(settings, paths, settings.sample.sets, settings.sample.samples_per_set, ref_path, nets,
+                             device, dataset)
+    for point, path in zip(scored["points"], paths, strict=True):
+        std = read_checkpoint(path)["meta"].get("ema_std")
+        point["ema_std"] = float(std) if is_number(std) else 0.0  # 0: the classic EMA
+    keys = sorted({k for p in scored["points"] for k in p if k.startswith(METRIC_KEYS)})
+    best = {k: min(scored["points"], key=lambda p: sum(p[k]) / len(p[k])) for k in keys}
+    return {**scored, "output_ema_std": settings.tune.output_ema_std,
+            "min": {k: {"ema_std": p["ema_std"], "mean": sum(p[k]) / len(p[k])} for k, p in best.items()}}
 
 
 def fid_budget(settings, curve_path, snapshot_dir, ref_path, nets: FeatureFiles, device, dataset=None) -> dict:
@@ -380,15 +403,25 @@ def plain_budget(budget) -> dict:
     return {k: getattr(budget, k) for k in ("gpu_hours", "device", "fid", "statistic")}
 
 
+SCALING_COLUMNS = ("compute", "fid", "size", "steps", "set", "kimg", "run", "design", "params", "flops_per_iteration",
+                   "metric")  # what `ect scaling-fit` reads (ect/scaling.py)
+
+
 def scaling_table(points: list[dict]) -> str:
-    """Scaling points as the CSV `ect scaling-fit` reads: compute (tuning FLOPs), fid, size, steps, set."""
-    rows = ["compute,fid,size,steps,set,kimg"]
+    """Scaling points as the CSV `ect scaling-fit` reads: a row per set of each metric at each step count."""
+    rows = [",".join(SCALING_COLUMNS)]
     for point in points:
-        for key, fids in point.items():
-            if key.startswith("fid_"):
-                steps = key[4:-4]
-                rows += [f"{point['flops']},{fid},{point['size']},{steps},{i},{point['kimg']}" for i, fid in
-                         enumerate(fids)]
+        for key, values in point.items():
+            metric = next((m.rstrip("_") for m in METRIC_KEYS if key.startswith(m)), None)
+            if metric is None:
+                continue
+            steps = key.removeprefix(f"{metric}_").removesuffix("step")
+            for i, value in enumerate(values):
+                row = {"compute": point["flops"], "fid": value, "size": point["size"], "steps": steps, "set": i,
+                       "kimg": point["kimg"], "run": point["model"], "design": point["design"],
+                       "params": point.get("params"), "flops_per_iteration": point.get("flops_per_iteration"),
+                       "metric": metric}
+                rows.append(",".join("" if row[c] is None else str(row[c]) for c in SCALING_COLUMNS))
     return "\n".join(rows) + "\n"
 
 
@@ -447,17 +480,32 @@ def read_snapshot_fid(path, key: str) -> dict:
     return read_json(path, "snapshot FID", {**SNAPSHOT_FID, key: is_numbers})
 
 
-SCALING_POINT = {"size": lambda v: type(v) is str and v.isalnum() and len(v) <= 40, "kimg": is_number,
-                 "flops": is_number, "sets": _count, "samples": _count}
+RUN_NAME = re.compile(r"[A-Za-z0-9]+(-seed\d+|-batch\d+)?")  # a scaling study's run (ect/spec.py: Scaling.models)
+SCALING_POINT = {"model": lambda v: type(v) is str and RUN_NAME.fullmatch(v) is not None and len(v) <= 60,
+                 "size": lambda v: type(v) is str and v.isalnum() and len(v) <= 40,
+                 "design": lambda v: v in ("prefix", "batch"), "kimg": is_number, "flops": is_number,
+                 "sets": _count, "samples": _count,
+                 "params": lambda v: v is None or _count(v), "flops_per_iteration": lambda v: v is None or is_number(v)}
 
 
 def read_scaling_point(path) -> dict:
-    """A point `ect scaling-point` wrote, checked: its size, budget, compute and FID sets."""
+    """A point `ect scaling-point` wrote, checked: its run, budget, compute and metric sets."""
     point = read_json(path, "scaling point", SCALING_POINT)
-    if not any(k.startswith("fid_") for k in point) or not all(is_numbers(v) for k, v in point.items()
-                                                               if k.startswith("fid_")):
+    metrics = [k for k in point if k.startswith(METRIC_KEYS)]
+    if not any(k.startswith("fid_") for k in metrics) or not all(is_numbers(point[k]) for k in metrics):
         raise FIDError(f"scaling point {path} has no FID sets: rerun scaling-point")
     return point
+
+
+EMAS = {"points": lambda v: type(v) is list and 0 < len(v) <= 64 and all(
+    type(p) is dict and is_number(p.get("ema_std")) and all(is_numbers(x) for k, x in p.items()
+                                                            if k.startswith(METRIC_KEYS)) for p in v),
+    "output_ema_std": is_number, "min": lambda v: type(v) is dict}
+
+
+def read_emas(path) -> dict:
+    """Every EMA's scores (`ect fid-emas`), checked."""
+    return read_json(path, "EMA scores", EMAS)
 
 
 def read_reference_check(path) -> dict:

@@ -7,9 +7,11 @@ migration.
 
 - ``resources/`` holds what several runs share: downloads, datasets, Inception reference statistics.
 - ``results/<run>/`` holds one run's files, ``reports/<run>/`` its HTML report.
-- A scaling study (a config with a ``scaling`` section) trains one model per size: each size's
-  teacher, tuning run and logs live under ``results/<run>/sizes/<size>/`` (in the rules, ``{size}`` is
-  a wildcard), its points and fits under ``results/<run>/scaling/``.
+- A scaling study (a config with a ``scaling`` section) has a teacher per size and several training runs
+  (its ``models``: a run per size, seed repeats ``<size>-seed<k>``, batch-grown runs ``<size>-batch<b>``):
+  a size's teacher lives under ``results/<run>/sizes/<size>/``, a run under ``results/<run>/sizes/<model>/``
+  (in the rules, ``{size}`` and ``{model}`` are wildcards), or in the run directory of the preset it
+  reuses (scaling.reuse); its points and fits under ``results/<run>/scaling/``.
 """
 from __future__ import annotations
 
@@ -38,10 +40,13 @@ SAMPLE_SETS = {
 }
 
 class RunLayout:
-    """The paths of one run, from its spec (``ect/spec.py``). In a scaling study the per-size paths hold
-    ``size`` (by default the ``{size}`` wildcard of the rules)."""
+    """The paths of one run, from its spec (``ect/spec.py``). In a scaling study the paths of a training run
+    hold ``model`` (by default the ``{model}`` wildcard of the rules) and its teacher's its size (the
+    ``{size}`` wildcard when the model is one)."""
 
-    def __init__(self, spec, size: str = "{size}"):
+    def __init__(self, spec, model: str = "{model}"):
+        from ect.spec import reused_runs, same_run
+
         self.run = spec.run
         self.scaling = spec.scaling
         self.results = f"results/{self.run}"
@@ -53,12 +58,24 @@ class RunLayout:
         # The run's own files (a scaling study's: each size's).
         self.logs = f"{self.results}/logs"
         self.benchmarks = f"{self.results}/benchmarks"
-        self.size = size if self.scaling else None
-        self.model = f"{self.results}/sizes/{size}" if self.scaling else self.results
-        self.job_suffix = f"-{size}" if self.scaling else ""  # in the log and benchmark names of per-size jobs
-        self.teacher = f"{self.model}/teacher.pt"
-        self.pretrain_log = f"{self.model}/pretrain-log.jsonl"
+        models = self.scaling.models if self.scaling else {}
+        size = models[model].size if model in models else "{size}"
+        self.reused = reused_runs(spec)  # size -> the spec of the preset whose run stands in for it
+        # the runs trained here: not a reused one, not a batch-grown run that is the size's own run
+        self.trained_models = [m for m in models if m not in self.reused and not same_run(spec, m)]
+        own = (same_run(spec, model) if model in models else None) or model  # the run whose files these are
+        self.size, self.model_name = (size, model) if self.scaling else (None, None)
+        self.size_dir = f"{self.results}/sizes/{size}" if self.scaling else self.results
+        self.model = f"{self.results}/sizes/{own}" if self.scaling else self.results
+        if size in self.reused:  # a run of another preset: its teacher, and the size's own run, are that run's
+            other = RunLayout(self.reused[size])
+            self.size_dir, self.model = other.results, other.results if own == size else self.model
+        self.size_suffix = f"-{size}" if self.scaling else ""  # in the log names of per-size jobs (the teacher)
+        self.job_suffix = f"-{model}" if self.scaling else ""  # in the log names of per-run jobs (tuning)
+        self.teacher = f"{self.size_dir}/teacher.pt"
+        self.pretrain_log = f"{self.size_dir}/pretrain-log.jsonl"
         self.tuned = f"{self.model}/tuned.pt"
+        self.emas = f"{self.model}/emas"  # every EMA at the end, when there are power-function ones
         self.snapshots = f"{self.model}/snapshots"
         self.train_log = f"{self.model}/train-log.jsonl"
         self.curve = f"{self.results}/fid/curve.json"
@@ -70,6 +87,8 @@ class RunLayout:
                                   ) if paper and not self.scaling else []
         self.judges_budget = bool(paper and paper.budget and not self.scaling)
         self.budget_fid = f"{self.results}/fid/budget.json"
+        # A run with power-function EMAs scores each EMA at its end, as EDM2 does.
+        self.emas_fid = f"{self.results}/fid/emas.json" if spec.tune.pf_ema_stds and not self.scaling else None
         self.claims = f"{self.results}/claims.json"
 
         # A scaling study: a FID point per (size, budget), the points as one table, the power-law fits.
@@ -126,20 +145,24 @@ class RunLayout:
             jobs += [("fid_reference", f"fid_reference-{i}") for i in range(self.reference_shards)]
         jobs.append(("fid_reference_merge" if self.reference_shards > 1 else "fid_reference", "fid_reference"))
         jobs += [("reference_check", "reference_check")] if self.reference_check else []
-        model = "pretrain" if spec.teacher.source == "pretrain" else "teacher"
-        sizes = list(self.scaling.sizes) if self.scaling else [None]
-        for size in sizes:
-            jobs += [(model, model + (f"-{size}" if size else "")), ("tune", "tune" + (f"-{size}" if size else ""))]
+        teacher = "pretrain" if spec.teacher.source == "pretrain" else "teacher"
         if self.scaling:
-            jobs += [("scaling_point", f"scaling_point-{size}-{kimg:g}") for size in sizes
-                     for kimg in self.scaling.budgets_kimg]
+            jobs += [(teacher, f"{teacher}-{size}") for size in self.scaling.sizes if size not in self.reused]
+            jobs += [(teacher, teacher) for _ in self.reused][:1]  # the reused run's own (its log names no size)
+            jobs += [("tune", f"tune-{model}") for model in self.trained_models]
+            jobs += [("tune", "tune") for _ in self.reused][:1]
+            jobs += [("scaling_point", f"scaling_point-{model}-{kimg:g}") for model in self.scaling.models
+                     for kimg in self.scaling.budgets_of(model)]
             jobs += [("scaling_points", "scaling_points")]
-            jobs += [("scaling_fit", f"scaling_fit-{fit}") for fit in self.scaling_fit_names(spec.fid.curve_steps)]
+            jobs += [("scaling_fit", f"scaling_fit-{fit}") for fit in self.scaling_fits(spec.fid.curve_steps)]
         else:
+            jobs += [(teacher, teacher), ("tune", "tune")]
+        if not self.scaling:
             jobs += [(rule, f"{rule}-{name}") for rule in ("sample", "fid") for name in SAMPLE_SETS]
             jobs.append(("fid_curve", "fid_curve"))
             jobs += [("fid_snapshot", f"fid_snapshot-{kimg:g}") for kimg in self.claim_kimgs]
             jobs += [("fid_budget", "fid_budget")] if self.judges_budget else []
+            jobs += [("fid_emas", "fid_emas")] if self.emas_fid else []
         return jobs
 
     def jobs(self) -> list[tuple[str, str]]:
@@ -162,21 +185,34 @@ class RunLayout:
 
     def state(self, step: str) -> str:
         """A training step's resumable state: never a declared output, so nothing deletes it."""
-        return f"{self.model}/state/{step}"
+        return f"{self.size_dir if step == 'pretrain' else self.model}/state/{step}"
 
     def reference_shard(self, shard) -> str:
         """The feature moments of one shard of the reference statistics."""
         return self.reference.replace(".npz", f".shard{shard}of{self.reference_shards}.npz")
 
-    def scaling_point(self, size: str, kimg: str) -> str:
-        return f"{self.scaling_dir}/points/{size}-{kimg}.json"
+    def scaling_point(self, model: str, kimg: str) -> str:
+        return f"{self.scaling_dir}/points/{model}-{kimg}.json"
 
     def scaling_fit(self, name: str) -> str:
-        """``fit-2step.json`` (the compute frontier across sizes), ``fit-<size>-2step.json`` (one size)."""
+        """``fit-<n>step.json`` (the compute frontier across sizes), ``fit-<size>-<n>step.json`` (one size's
+        prefix points), ``fit-<size>-batch-<n>step.json`` (its batch-grown runs), ``fit-size-<n>step.json``
+        (across sizes at one budget)."""
         return f"{self.scaling_dir}/fit-{name}.json"
 
-    def scaling_fit_names(self, steps) -> list[str]:
-        return [f"{n}step" for n in steps] + [f"{s}-{n}step" for s in self.scaling.sizes for n in steps]
+    def scaling_fits(self, steps) -> dict[str, list[str]]:
+        """Every fit of the study, by name, with its `ect scaling-fit` options."""
+        fits = {}
+        for n in steps:
+            fits[f"{n}step"] = ["--steps", str(n), "--frontier"]
+            for size in self.scaling.sizes:
+                fits[f"{size}-{n}step"] = ["--steps", str(n), "--size", size, "--design", "prefix"]
+            for size in (self.scaling.batches.sizes if self.scaling.batches and
+                         len(self.scaling.batches.batch) >= 3 else ()):
+                fits[f"{size}-batch-{n}step"] = ["--steps", str(n), "--size", size, "--design", "batch"]
+            if len(self.scaling.sizes) >= 3:
+                fits[f"size-{n}step"] = ["--steps", str(n), "--axis", "size"]
+        return fits
 
     def snapshot(self, images_seen: int) -> str:
         """The EMA snapshot after ``images_seen`` training images."""
@@ -205,11 +241,18 @@ class RunLayout:
         return f"{self.benchmarks}/{job}.tsv"
 
     def model_log(self, job: str) -> str:
-        """The log of a job that trains the run's model (in a scaling study, one per size)."""
+        """The log of a job that trains the run's model (in a scaling study, one per run)."""
         return self.log(job + self.job_suffix)
 
     def model_benchmark(self, job: str) -> str:
         return self.benchmark(job + self.job_suffix)
+
+    def size_log(self, job: str) -> str:
+        """The log of a job that makes a size's teacher (in a scaling study, one per size)."""
+        return self.log(job + self.size_suffix)
+
+    def size_benchmark(self, job: str) -> str:
+        return self.benchmark(job + self.size_suffix)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Snakemake and its params in DVC.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ from ect.typed import Bound, ConfigError, Mapping, When, build, json_schema, pla
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 SIZE_NAME = r"[A-Za-z0-9]+"
+PRESET_NAME = r"[a-z0-9][a-z0-9-]{0,60}"  # config/<name>.yaml
 URL = Bound(pattern=r"https?://[A-Za-z0-9._~:/%+=-]+")  # it goes into shell commands: nothing to quote
 SHA256, MD5 = Bound(pattern=r"[0-9a-f]{64}"), Bound(pattern=r"[0-9a-f]{32}")
 POSITIVE, AT_LEAST_ONE, NON_NEGATIVE = Bound(gt=0), Bound(ge=1), Bound(ge=0)
@@ -337,6 +339,8 @@ class Claim:
     statistic: Literal[STATISTICS] = setting("mean", "which statistic of our FID sets it is compared with: the "
                                                      "mean over sets, or the minimum (as EDM reports)")
     secondary: bool = setting(False, "quoted by another paper, not read in the original: the report marks it")
+    model: str | None = setting(None, "a scaling study's run the number is about (scaling.models, e.g. XL-batch1024): "
+                                      "judged from that run's point at its final budget", pattern=r"[A-Za-z0-9-]{1,60}")
 
 
 @dataclass(frozen=True)
@@ -386,9 +390,43 @@ class SizeTune:
 
 
 @dataclass(frozen=True)
+class ScalingSeeds:
+    """Training repeated with other seeds at chosen budgets: the run-to-run spread beside the set-to-set one."""
+
+    count: int = setting(doc="runs at each of these budgets, the study's own run being the first (seed tune.seed); "
+                             "run k trains with seed tune.seed + k", ge=2, le=16)
+    budgets_kimg: tuple[float, ...] = setting(doc="budgets of scaling.budgets_kimg that the extra runs reach",
+                                              min_items=1, unique=True, items=POSITIVE)
+    sizes: tuple[str, ...] | None = setting(None, "the sizes repeated (default: every size)", unique=True, min_items=1)
+
+
+@dataclass(frozen=True)
+class ScalingBatches:
+    """Compute grown by the batch at a fixed iteration count, the paper's design: each batch is a run of its
+    own that completes the whole curriculum (ECT's stages are counted in iterations), scored at its end."""
+
+    sizes: tuple[str, ...] = setting(doc="the sizes grown this way", min_items=1, unique=True)
+    batch: tuple[int, ...] = setting(doc="the global batches, a run each", min_items=1, unique=True, items=AT_LEAST_ONE)
+    iterations: int = setting(doc="iterations of every such run: its budget is batch x iterations / 1000 kimg", ge=1)
+
+
+@dataclass(frozen=True)
+class ScalingModel:
+    """One training run of a scaling study (not a setting: derived from the scaling section). Its name is its
+    size's (the study's own run), ``<size>-seed<k>`` or ``<size>-batch<b>``."""
+
+    size: str
+    design: str  # "prefix": its budget points are snapshots of it; "batch": one point, its end
+    seed_offset: int = 0  # trains with tune.seed + seed_offset
+    batch: int | None = None  # None: tune.batch
+    kimg: float | None = None  # None: tune.kimg
+
+
+@dataclass(frozen=True)
 class Scaling:
     """A scaling study: a model per size (its own teacher), each tuned for tune.kimg; its snapshots at
-    budgets_kimg are the budget points. `snakemake scaling` runs it."""
+    budgets_kimg are the budget points. Beside them, runs repeated with other seeds (seeds) and runs whose
+    compute grows with their batch (batches). `snakemake scaling` runs it."""
 
     sizes: Annotated[dict[str, Arch], Mapping(keys=SIZE_NAME, min_items=1)] = setting(
         doc="size name -> overrides of the pretraining arch (a preset with a downloaded teacher: {} only)")
@@ -396,24 +434,61 @@ class Scaling:
         doc="the budget points, in kimg of tuning; each a multiple of tune.snapshot_kimg", min_items=1, unique=True,
         items=POSITIVE)
     samples: int = setting(doc="samples per FID set of a point", ge=2)
-    sets: int = setting(doc="FID sets per point (the fit's bootstrap resamples them)", ge=1)
+    sets: int = setting(doc="FID sets per point, at least 3 (the fit's bootstrap redraws them)", ge=3)
+    seeds: ScalingSeeds | None = setting(None, "training repeated with other seeds at some budgets")
+    batches: ScalingBatches | None = setting(None, "runs whose compute grows with their batch, at fixed iterations")
+    reuse: Annotated[dict[str, Annotated[str, Bound(pattern=PRESET_NAME)]], Mapping(keys=SIZE_NAME)] | None = setting(
+        None, "size name -> a preset (config/<name>.yaml) whose run is this size's model: its snapshots are the "
+              "budget points, nothing is trained again under another name; the preset's dataset, teacher, tune and "
+              "fid sections must equal this one's")
     teachers: Annotated[dict[str, Download], Mapping(keys=SIZE_NAME)] | None = setting(
         None, "a downloaded teacher per size (EDM2's S/M/L/XL); every size needs one")
     tune: Annotated[dict[str, SizeTune], Mapping(keys=SIZE_NAME)] | None = setting(
         None, "size name -> overrides of the tune section for that size (its own learning rate, dropout, batch)")
 
     def __post_init__(self):
-        for key in ("teachers", "tune"):
+        for key in ("teachers", "tune", "reuse"):
             extra = sorted(set(getattr(self, key) or {}) - set(self.sizes))
             if extra:
                 raise ConfigError(f"{key}: names sizes {extra} that scaling.sizes does not have")
+        for key, section in (("seeds", self.seeds), ("batches", self.batches)):
+            extra = sorted(set((section.sizes or ()) if section else ()) - set(self.sizes))
+            if extra:
+                raise ConfigError(f"{key}.sizes: {extra} are not sizes of scaling.sizes")
+        if self.seeds and set(self.seeds.budgets_kimg) - set(self.budgets_kimg):
+            raise ConfigError(f"seeds.budgets_kimg: {sorted(set(self.seeds.budgets_kimg) - set(self.budgets_kimg))} "
+                              "are not budgets of scaling.budgets_kimg")
+        if "size" in self.sizes:
+            raise ConfigError("sizes: 'size' names the fit across sizes (fit-size-<n>step.json); call it otherwise")
         if self.sets * self.samples > MAX_SEEDS:
             raise ConfigError(f"sets: {self.sets} x samples {self.samples} is more than {MAX_SEEDS:,} seeds")
 
+    @property
+    def models(self) -> dict[str, ScalingModel]:
+        """Every training run of the study, by name: a run per size, its seed repeats, its batch-grown runs."""
+        out = {size: ScalingModel(size, "prefix") for size in self.sizes}
+        if self.seeds:
+            for size in self.seeds.sizes or self.sizes:
+                out |= {f"{size}-seed{k}": ScalingModel(size, "prefix", seed_offset=k, kimg=max(self.seeds.budgets_kimg))
+                        for k in range(1, self.seeds.count)}
+        if self.batches:
+            for size in self.batches.sizes:
+                out |= {f"{size}-batch{b}": ScalingModel(size, "batch", batch=b, kimg=b * self.batches.iterations / 1000)
+                        for b in self.batches.batch}
+        return out
+
+    def budgets_of(self, model: str) -> tuple[float, ...]:
+        """The budget points (kimg) of one of the study's runs."""
+        m = self.models[model]
+        if m.design == "batch":
+            return (m.kimg,)
+        return self.seeds.budgets_kimg if m.seed_offset else self.budgets_kimg
+
 
 # Every rule of the workflow that takes resources (a test keeps this equal to workflow/rules/).
-RULES = ("fetch_dataset", "dataset", "fetch_teacher", "teacher", "fetch_feature_net", "feature_net", "fid_reference",
-         "fid_reference_merge", "pretrain", "tune", "sample", "fid", "fid_curve", "fid_snapshot", "fid_budget",
+RULES = ("fetch_dataset", "dataset", "fetch_teacher", "teacher", "fetch_feature_net", "fetch_dinov2", "feature_net",
+         "fid_reference",
+         "fid_reference_merge", "pretrain", "tune", "sample", "fid", "fid_curve", "fid_snapshot", "fid_emas", "fid_budget",
          "fetch_published_reference", "reference_check", "scaling_point", "scaling_points", "scaling_fit", "report")
 
 
@@ -462,12 +537,22 @@ class RunSpec:
 
 
 
-def training_options(spec, section: str, size: str | None = None) -> Training:
+def training_options(spec, section: str, size: str | None = None, model: str | None = None) -> Training:
     """The options of ``pretrain`` or ``tune`` of a spec (or of a step's view of it), with a scaling study's
-    size overrides applied: its pretraining arch (both sections) and its own tune entry."""
+    size overrides applied (its pretraining arch, both sections, and its own tune entry), and for one of its
+    ``model``s (scaling.models) that run's seed, batch and length."""
     options = getattr(spec, section)
     if options is None:
         raise ConfigError(f"the config has no '{section}' section")
+    if model is not None:
+        models = spec.scaling.models if spec.scaling else {}
+        if model not in models:
+            raise ConfigError(f"model {model!r} is not one of the scaling study's runs ({', '.join(models) or 'none'})")
+        run = models[model]
+        sized = training_options(spec, section, run.size)
+        return dataclasses.replace(sized, seed=sized.seed + run.seed_offset, batch=run.batch or sized.batch,
+                                   kimg=run.kimg or sized.kimg,
+                                   snapshot_kimg=run.kimg if run.design == "batch" else sized.snapshot_kimg)
     if size is None:
         return options
     sizes = spec.scaling.sizes if spec.scaling else {}
@@ -519,14 +604,22 @@ def _claim_problems(spec: RunSpec):
     paper = spec.report.paper
     if paper is None:
         return
+    models = spec.scaling.models if spec.scaling else {}
     for i, claim in enumerate(paper.claims):
         where = f"report.paper.claims.{i}"
-        if claim.kimg is not None and claim.set not in TUNED_SETS:
+        if bool(spec.scaling) != (claim.model is not None):
+            yield (f"{where}.model: a scaling study's claims name one of its runs ({', '.join(models)}), a run's "
+                   "claims none" if spec.scaling else f"{where}.model: only a scaling study's claims name a run")
+        elif claim.model is not None and (claim.model not in models or claim.set not in TUNED_SETS
+                                          or claim.kimg is not None):
+            yield (f"{where}: {claim.model!r} must be a run of scaling.models, the set a tuned one, and no kimg "
+                   "(the run's final budget is judged)")
+        elif claim.model is not None and SAMPLE_SETS[claim.set].steps not in spec.fid.curve_steps:
+            yield f"{where}.set: {claim.set} is not among the steps a point is scored at (fid.curve_steps)"
+        elif claim.kimg is not None and claim.set not in TUNED_SETS:
             yield f"{where}.kimg: {claim.set} is not tuned: its number has no tuning budget (leave kimg out)"
         elif claim.kimg is not None and claim.kimg != spec.tune.kimg:
-            if spec.scaling:
-                yield f"{where}.kimg: a scaling study's numbers are its points; give claims of the final model only"
-            elif not is_snapshot(spec.tune, claim.kimg):
+            if not is_snapshot(spec.tune, claim.kimg):
                 yield (f"{where}.kimg: {claim.kimg:g} is not a snapshot of the tuning run (tune.kimg {spec.tune.kimg:g}, "
                        f"a snapshot every tune.snapshot_kimg = {spec.tune.snapshot_kimg:g} kimg)")
             elif SAMPLE_SETS[claim.set].steps not in spec.fid.curve_steps:
@@ -540,12 +633,18 @@ def _batch_problems(spec: RunSpec, section: str):
     gpus = max(1, spec.resources_of(section).get("gpu", 0))
     if train.batch % gpus:
         yield f"{section}.batch {train.batch} does not split evenly over resources.{section}.gpu = {gpus} GPUs"
-    for size in (spec.scaling.sizes if spec.scaling else [None]):
-        micro = training_options(spec, section, size).batch_gpu
-        if micro and (train.batch // gpus) % micro:
+    runs = [(size, None) for size in spec.scaling.sizes] if spec.scaling else [(None, None)]
+    if spec.scaling and section == "tune":
+        runs += [(None, model) for model, run in spec.scaling.models.items() if run.batch]
+    for size, model in runs:
+        options = training_options(spec, section, size, model)
+        micro, batch = options.batch_gpu, options.batch
+        if batch % gpus:
+            yield f"scaling.batches.batch {batch} does not split evenly over resources.{section}.gpu = {gpus} GPUs"
+        elif micro and (batch // gpus) % micro:
             where = f"scaling.tune.{size}.batch_gpu" if size and micro != train.batch_gpu else f"{section}.batch_gpu"
-            yield (f"{where} {micro} does not divide the per-GPU batch {train.batch // gpus} "
-                   f"({section}.batch {train.batch} over {gpus} GPUs)")
+            yield (f"{where} {micro} does not divide the per-GPU batch {batch // gpus} "
+                   f"({section}.batch {batch} over {gpus} GPUs{f', run {model}' if model else ''})")
 
 
 def _network_problems(spec: RunSpec):
@@ -566,15 +665,18 @@ def _network_problems(spec: RunSpec):
 
 def _scaling_problems(spec: RunSpec):
     """A scaling study's budgets must be snapshots of its tuning runs, and enough of them to fit."""
-    scaling, tune = spec.scaling, spec.tune
+    scaling = spec.scaling
     if not scaling:
         return
     if len(scaling.budgets_kimg) < 3:
         yield f"scaling.budgets_kimg has {len(scaling.budgets_kimg)} points; a power law per size needs at least 3"
-    for kimg in scaling.budgets_kimg:
-        if not is_snapshot(tune, kimg):
-            yield (f"scaling.budgets_kimg: {kimg} is not a snapshot of the tuning run (tune.kimg {tune.kimg}, "
-                   f"a snapshot every tune.snapshot_kimg = {tune.snapshot_kimg} kimg)")
+    for model in scaling.models:
+        options = training_options(spec, "tune", model=same_run(spec, model) or model)
+        for kimg in scaling.budgets_of(model):
+            if not is_snapshot(options, kimg):
+                where = "scaling.budgets_kimg" if model in scaling.sizes else "scaling.seeds.budgets_kimg"
+                yield (f"{where}: {kimg:g} is not a snapshot of run {model} (tune.kimg {options.kimg:g}, a snapshot "
+                       f"every tune.snapshot_kimg = {options.snapshot_kimg:g} kimg)")
     downloaded = spec.teacher.source != "pretrain"
     if downloaded and any(scaling.sizes.values()):
         yield ("scaling.sizes: a downloaded teacher brings its architecture; its sizes take no arch overrides ({}): "
@@ -584,6 +686,52 @@ def _scaling_problems(spec: RunSpec):
                "(teacher.source: edm)")
     if scaling.teachers is None and downloaded and len(scaling.sizes) > 1:
         yield "scaling.sizes: several sizes with a downloaded teacher need a teacher each (scaling.teachers)"
+
+
+def reused_runs(spec) -> dict[str, RunSpec]:
+    """The runs a scaling study takes its points from instead of training them (scaling.reuse), by size: each
+    preset's spec, read from config/<name>.yaml under the working directory (the repository root), checked to
+    be the run this study would train."""
+    reuse = spec.scaling.reuse if spec.scaling else None
+    out = {}
+    for size, preset in (reuse or {}).items():
+        other = _preset_spec(preset)
+        problem = next(_reuse_problems(spec, other, size), None)
+        if problem:
+            raise ConfigError(f"scaling.reuse.{size}: config/{preset}.yaml {problem}")
+        out[size] = other
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _preset_spec(preset: str) -> RunSpec:
+    return load_spec(f"config/{preset}.yaml")
+
+
+def _reuse_problems(spec: RunSpec, other: RunSpec, size: str):
+    if other.scaling:
+        yield "is a scaling study itself"
+    for section in ("dataset", "teacher"):
+        if getattr(other, section) != getattr(spec, section):
+            yield f"has another {section} section"
+    if spec.scaling.teachers or spec.scaling.sizes[size]:
+        yield "cannot stand in for a size with its own teacher or arch"
+    if other.tune != training_options(spec, "tune", size):
+        yield f"tunes otherwise than this study's size {size} (its tune section must be equal)"
+    if other.fid.feature_net != spec.fid.feature_net:
+        yield "scores with another feature network"
+
+
+def same_run(spec: RunSpec, model: str) -> str | None:
+    """The study's own run of a size when ``model`` (a batch-grown run) would train a prefix of it (the same
+    options and batch, a length the own run snapshots at): its point is then that snapshot, and nothing is
+    trained twice. A prefix is exact: the learning rate, the stage and the EMAs depend only on the iteration."""
+    run = spec.scaling.models[model]
+    if run.design != "batch":
+        return None
+    grown, own = training_options(spec, "tune", model=model), training_options(spec, "tune", model=run.size)
+    prefix = dataclasses.replace(grown, snapshot_kimg=own.snapshot_kimg, kimg=own.kimg) == own
+    return run.size if prefix and is_snapshot(own, grown.kimg) else None
 
 
 def field_default(cls, name: str):
@@ -673,14 +821,17 @@ if __name__ == "__main__":
 STEP_READS = {
     "feature_net": ("fid.feature_net",),
     "pretrain": ("pretrain", "scaling.sizes.{size}"),
-    "tune": ("tune", "scaling.sizes.{size}", "scaling.tune.{size}"),
+    "tune": ("tune", "scaling.sizes.{size}", "scaling.tune.{size}", "scaling.models.{model}"),
     "sample": ("sample",),
     "fid": ("sample.sets", "sample.batch", "fid.modes", "fid.feature_net", "fid.dinov2"),
     "fid_curve": ("fid", "sample.t_mid", "sample.class_labels", "sample.batch"),
-    "scaling_point": ("scaling.samples", "scaling.sets", "sample.t_mid", "sample.class_labels", "sample.batch",
+    "scaling_point": ("scaling.samples", "scaling.sets", "scaling.models.{model}", "sample.t_mid",
+                      "sample.class_labels", "sample.batch",
                       "fid.curve_steps", "fid.modes", "fid.feature_net", "fid.dinov2"),
     "fid_snapshot": ("sample.sets", "sample.samples_per_set", "sample.t_mid", "sample.class_labels", "sample.batch",
                      "fid.curve_steps", "fid.modes", "fid.feature_net", "fid.dinov2"),
+    "fid_emas": ("sample.sets", "sample.samples_per_set", "sample.t_mid", "sample.class_labels", "sample.batch",
+                 "fid.curve_steps", "fid.modes", "fid.feature_net", "fid.dinov2", "tune.output_ema_std"),
     "fid_budget": ("report.paper.budget", "sample.sets", "sample.samples_per_set", "sample.t_mid",
                    "sample.class_labels", "sample.batch", "fid.curve_steps", "fid.curve_samples", "fid.modes",
                    "fid.feature_net", "fid.dinov2"),

@@ -303,13 +303,14 @@ class TrainPaths:
     init: Path | None = None  # the teacher checkpoint (ECT)
     snapshots: Path | None = None  # where the EMA snapshots are published at the end
     log: Path | None = None  # where the tick log is published at the end
+    emas: Path | None = None  # where every EMA (classic, each power-function one) is published at the end
 
 
 def train(cfg: Training, data_path, state_dir, out_path, init_path=None, snapshot_dir=None, log_path=None,
-          progress: bool = True) -> dict:
+          progress: bool = True, emas_dir=None) -> dict:
     """Run (or resume) training; write the EMA weights to ``out_path``. Returns a summary dict."""
     paths = TrainPaths(Path(data_path), Path(state_dir), Path(out_path), init_path and Path(init_path),
-                       snapshot_dir and Path(snapshot_dir), log_path and Path(log_path))
+                       snapshot_dir and Path(snapshot_dir), log_path and Path(log_path), emas_dir and Path(emas_dir))
     d = init_distributed()
     stop = StopFlag()
     try:
@@ -494,6 +495,8 @@ class Publisher:
         if self.cfg.pf_ema_stds:
             for std, e in zip((0.0, *self.cfg.pf_ema_stds), (self.nets.ema, *self.nets.pf_emas), strict=True):
                 self.save_ema(self.state.files.ema(std), e, std)
+            if self.paths.emas is not None:
+                _publish_snapshots(self.state.files.ema(0.0).parent, self.paths.emas)
         self.save_ema(self.paths.out)
 
 

@@ -487,3 +487,36 @@ def small_filesystem(path: Path, kilobytes: int):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+DINOV2_PATCH = 14  # every DINOv2 ViT's patch
+
+
+def tiny_dinov2_state(width=128, depth=2, hidden=256, grid=4, seed=0) -> dict[str, torch.Tensor]:
+    """Random weights in the official layout, scaled so attention is far from uniform and every term matters."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for i in range(depth):
+        for norm in ("norm1", "norm2"):
+            state[f"blocks.{i}.{norm}.weight"] = 1 + 0.2 * rng.standard_normal(width)
+            state[f"blocks.{i}.{norm}.bias"] = 0.1 * rng.standard_normal(width)
+        for name, (rows, cols) in {"attn.qkv": (3 * width, width), "attn.proj": (width, width),
+                                   "mlp.fc1": (hidden, width), "mlp.fc2": (width, hidden)}.items():
+            state[f"blocks.{i}.{name}.weight"] = rng.standard_normal((rows, cols)) / np.sqrt(cols)
+            state[f"blocks.{i}.{name}.bias"] = 0.1 * rng.standard_normal(rows)
+        for scale in ("ls1", "ls2"):
+            state[f"blocks.{i}.{scale}.gamma"] = rng.uniform(0.2, 1.0, width)
+    state.update({
+        "cls_token": rng.standard_normal((1, 1, width)), "pos_embed": rng.standard_normal((1, 1 + grid * grid, width)),
+        "mask_token": rng.standard_normal((1, width)),
+        "patch_embed.proj.weight": rng.standard_normal((width, 3, DINOV2_PATCH, DINOV2_PATCH)) / np.sqrt(3 * DINOV2_PATCH * DINOV2_PATCH),
+        "patch_embed.proj.bias": 0.1 * rng.standard_normal(width),
+        "norm.weight": 1 + 0.2 * rng.standard_normal(width), "norm.bias": 0.1 * rng.standard_normal(width)})
+    return {key: torch.tensor(value, dtype=torch.float32) for key, value in state.items()}
+
+
+def dinov2_like_bytes() -> bytes:
+    """A tiny DINOv2 ViT in the official weights layout, as `torch.save` writes dinov2_vitl14_pretrain.pth."""
+    buf = io.BytesIO()
+    torch.save(tiny_dinov2_state(), buf)
+    return buf.getvalue()

@@ -17,33 +17,12 @@ import torch.nn.functional as F
 from scipy.special import erf
 
 from ect.metrics.dinov2 import DINOv2Error, expected_shapes, extract_features, interpolate_pos_embed, load_dinov2
+from tests.helpers import DINOV2_PATCH as PATCH
+from tests.helpers import tiny_dinov2_state
 
-WIDTH, PATCH, DEPTH, HIDDEN, GRID = 128, 14, 2, 256, 4
+WIDTH, DEPTH, HIDDEN, GRID = 128, 2, 256, 4
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 TOLERANCE = 1e-5  # float32 torch vs float64 numpy; measured differences are below 1e-6
-
-
-def tiny_state(width=WIDTH, depth=DEPTH, hidden=HIDDEN, grid=GRID, seed=0) -> dict[str, torch.Tensor]:
-    """Random weights in the official layout, scaled so attention is far from uniform and every term matters."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for i in range(depth):
-        for norm in ("norm1", "norm2"):
-            state[f"blocks.{i}.{norm}.weight"] = 1 + 0.2 * rng.standard_normal(width)
-            state[f"blocks.{i}.{norm}.bias"] = 0.1 * rng.standard_normal(width)
-        for name, (rows, cols) in {"attn.qkv": (3 * width, width), "attn.proj": (width, width),
-                                   "mlp.fc1": (hidden, width), "mlp.fc2": (width, hidden)}.items():
-            state[f"blocks.{i}.{name}.weight"] = rng.standard_normal((rows, cols)) / np.sqrt(cols)
-            state[f"blocks.{i}.{name}.bias"] = 0.1 * rng.standard_normal(rows)
-        for scale in ("ls1", "ls2"):
-            state[f"blocks.{i}.{scale}.gamma"] = rng.uniform(0.2, 1.0, width)
-    state.update({
-        "cls_token": rng.standard_normal((1, 1, width)), "pos_embed": rng.standard_normal((1, 1 + grid * grid, width)),
-        "mask_token": rng.standard_normal((1, width)),
-        "patch_embed.proj.weight": rng.standard_normal((width, 3, PATCH, PATCH)) / np.sqrt(3 * PATCH * PATCH),
-        "patch_embed.proj.bias": 0.1 * rng.standard_normal(width),
-        "norm.weight": 1 + 0.2 * rng.standard_normal(width), "norm.bias": 0.1 * rng.standard_normal(width)})
-    return {key: torch.tensor(value, dtype=torch.float32) for key, value in state.items()}
 
 
 def save(tmp_path, state, name="dinov2_tiny.pth"):
@@ -133,7 +112,7 @@ def torch_resize(images: np.ndarray) -> np.ndarray:
 # Numbers.
 
 def test_features_match_a_float64_numpy_vit(tmp_path):
-    state = tiny_state()
+    state = tiny_dinov2_state()
     net = load_dinov2(save(tmp_path, state))
     assert (net.shape.embed_dim, net.shape.depth, net.shape.mlp_hidden, net.shape.pos_grid) == (128, 2, 256, 4)
     images = np.random.default_rng(1).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
@@ -145,7 +124,7 @@ def test_features_match_a_float64_numpy_vit(tmp_path):
 
 
 def test_the_native_grid_uses_the_position_embeddings_as_they_are(tmp_path):
-    state = tiny_state(seed=2)
+    state = tiny_dinov2_state(seed=2)
     net = load_dinov2(save(tmp_path, state))
     pixels = np.random.default_rng(3).uniform(0, 255, (2, 3, GRID * PATCH, GRID * PATCH))
     normalised = (pixels / 255 - MEAN.reshape(1, 3, 1, 1)) / STD.reshape(1, 3, 1, 1)
@@ -166,7 +145,7 @@ def test_position_embeddings_interpolate_with_dinov2s_scale_factor(rows, cols):
 
 
 def test_half_precision_weights_load_as_float32(tmp_path):
-    state = {key: value.half() for key, value in tiny_state(seed=7).items()}
+    state = {key: value.half() for key, value in tiny_dinov2_state(seed=7).items()}
     net = load_dinov2(save(tmp_path, state))
     assert all(p.dtype == torch.float32 for p in net.parameters())
     images = np.random.default_rng(8).integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
@@ -175,7 +154,7 @@ def test_half_precision_weights_load_as_float32(tmp_path):
 
 
 def test_grayscale_is_rgb_with_equal_channels_and_batches_agree(tmp_path):
-    net = load_dinov2(save(tmp_path, tiny_state(seed=5)))
+    net = load_dinov2(save(tmp_path, tiny_dinov2_state(seed=5)))
     gray = np.random.default_rng(6).integers(0, 256, (5, 30, 30, 1), dtype=np.uint8)
     gray.flags.writeable = False  # as a memmapped dataset is: read quietly, a batch at a time
     with warnings.catch_warnings():
@@ -189,7 +168,7 @@ def test_grayscale_is_rgb_with_equal_channels_and_batches_agree(tmp_path):
 @pytest.mark.parametrize("images", [np.zeros((2, 30, 30, 3), np.float32), np.zeros((2, 30, 30, 4), np.uint8),
                                     np.zeros((30, 30, 3), np.uint8), np.zeros((2, 0, 30, 3), np.uint8), [[0]]])
 def test_bad_images_are_refused_in_one_line(tmp_path, images):
-    net = load_dinov2(save(tmp_path, tiny_state()))
+    net = load_dinov2(save(tmp_path, tiny_dinov2_state()))
     with pytest.raises(DINOv2Error, match="uint8 images") as info:
         extract_features(net, images)
     assert "\n" not in str(info.value)
@@ -256,7 +235,7 @@ REFUSALS = {
     "integer weights": (_with(**{"norm.bias": torch.zeros(WIDTH, dtype=torch.int64)}), "not floating-point"),
     "registers": (_with(register_tokens=torch.zeros(1, 4, WIDTH)), "register tokens"),
     "SwiGLU": (_renamed("blocks.0.mlp.fc1.weight", "blocks.0.mlp.w12.weight"), "SwiGLU"),
-    "head size 48": (lambda state: tiny_state(width=96), "heads of 64"),
+    "head size 48": (lambda state: tiny_dinov2_state(width=96), "heads of 64"),
     "too deep": (_stride_zero(_shape(depth=65)), "65 blocks"),
     "too large a grid": (_stride_zero(_shape(pos_grid=200)), "square grid"),
     "zero-stride views": (_stride_zero(_shape(embed_dim=1024, mlp_hidden=4096)), "the file holds"),
@@ -266,7 +245,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_the_loader_refuses_what_is_not_a_dinov2_vit(tmp_path, case):
     mutate, message = REFUSALS[case]
-    path = save(tmp_path, mutate(tiny_state()))
+    path = save(tmp_path, mutate(tiny_dinov2_state()))
     with pytest.raises(DINOv2Error, match=message) as info:
         load_dinov2(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
@@ -277,7 +256,7 @@ def test_unreadable_files_are_refused(tmp_path, content):
     path = tmp_path / "dinov2_vitl14_pretrain.pth"
     if content != "missing":
         buffer = io.BytesIO()
-        torch.save(tiny_state(), buffer)
+        torch.save(tiny_dinov2_state(), buffer)
         data = buffer.getvalue()
         path.write_bytes(data[: len(data) // 2] if content == "truncated" else b"\x00garbage" * 64)
     with pytest.raises(DINOv2Error, match="cannot read DINOv2 weights") as info:
@@ -293,7 +272,7 @@ def test_fd_dinov2_of_the_small_vit_equals_an_independent_float64_computation(tm
     from ect.metrics.features import FeatureExtractor, compute_features
     from ect.metrics.frechet import fid_of_sets, statistics
 
-    state = tiny_state()
+    state = tiny_dinov2_state()
     path = save(tmp_path, state)
     rng = np.random.default_rng(7)
     reference_images = rng.integers(0, 256, (60, 24, 24, 3), dtype=np.uint8)

@@ -34,7 +34,8 @@ def test_each_imagenet_preset_plans_the_whole_chain_with_its_gpu_hours(size):
     shards = cfg["fid"]["reference_shards"]
     assert planned(out) == {"dataset": 1, "fetch_feature_net": 1, "fetch_teacher": 1, "fid_reference_shard": shards,
                             "fid_reference": 1, "teacher": 1, "tune": 1, "sample": 4, "fid": 4, "fid_curve": 1,
-                            "fetch_published_reference": 1, "reference_check": 1, "report": 1, "all": 1}
+                            "fetch_published_reference": 1, "reference_check": 1, "fetch_dinov2": 1, "fid_emas": 1,
+                            "report": 1, "all": 1}
     res = cfg["resources"]
     hours = gpu_hours(out)
     assert hours["tune"] == pytest.approx(res["tune"]["gpu"] * res["tune"]["runtime"] / 60)
@@ -51,19 +52,34 @@ def test_each_imagenet_preset_plans_the_whole_chain_with_its_gpu_hours(size):
 
 
 def test_the_imagenet_scaling_preset_tunes_each_size_from_its_own_teacher_with_its_own_recipe():
+    """The study as the paper ran it: every size from its own teacher and recipe at batch 128 for 100k
+    iterations (prefix budgets), XL grown by its batch to 1024 at 100k iterations (batch 128 is XL's own run,
+    trained once), S repeated with a second seed; FID and FD_DINOv2 at every point; fits against compute per
+    size, on the frontier, for the batch-grown runs and across sizes; the GPU-hours."""
     preset = "config/imagenet64-scaling.yaml"
     proc = run(["snakemake", "-n", "-p", "scaling", "--configfile", preset], ROOT)
     out = proc.stdout + proc.stderr  # the shell commands go to stderr
     jobs = planned(out)
-    assert {jobs[f"fetch_teacher_{s}"] for s in ("S", "M", "L", "XL")} == {1}
-    assert (jobs["teacher"], jobs["tune"], jobs["scaling_point"]) == (4, 4, 16)
+    assert {jobs[f"fetch_teacher_{s}"] for s in ("S", "M", "L", "XL")} == {1} and jobs["fetch_dinov2"] == 1
+    assert (jobs["teacher"], jobs["tune"], jobs["scaling_point"], jobs["scaling_fit"]) == (4, 8, 22, 14)
     config = load_spec(ROOT / preset)
     for size, key in (("S", "s"), ("XL", "xl")):
-        assert f"ect.cli tune --config {preset} --size {size} " in out  # one process per GPU (torchrun)
+        assert f"ect.cli tune --config {preset} --model {size} " in out  # one process per GPU (torchrun)
         assert f"edm2-img64-{key}-" in RunLayout(config, size).teacher_pickle_of(size)
         tune = training_options(config, "tune", size)
         assert (tune.lr, tune.arch["dropout"]) == SIZES[key][1:]
-    assert "GPU-h" in out
+    for batch in (256, 512, 1024):  # the paper's design: compute grown by the batch, 100k iterations each
+        grown = training_options(config, "tune", model=f"XL-batch{batch}")
+        assert (grown.batch, grown.total_iters, grown.lr) == (batch, 100_000, SIZES["xl"][1])
+        assert f"--model XL-batch{batch} " in out
+    assert "tune --config config/imagenet64-scaling.yaml --model XL-batch128 " not in out  # XL's own run, once
+    assert "--snapshots results/imagenet64-scaling/sizes/XL/snapshots --model XL-batch128 --kimg 12800" in out
+    assert training_options(config, "tune", model="S-seed1").seed == config.tune.seed + 1
+    assert out.count("--dinov2 resources/fid/dinov2_vitl14_pretrain.pth") >= 22  # every point, FD_DINOv2 too
+    for fit in ("fit-size-1step.json", "fit-size-2step.json", "fit-XL-batch-2step.json", "fit-2step.json"):
+        assert f"--out results/imagenet64-scaling/scaling/{fit}" in out
+    assert [c.model for c in config.report.paper.claims] == ["XL-batch1024", "XL-batch1024"]
+    assert re.search(r"tune\s+8 job\(s\) x 8 GPU", out) and "GPU-h" in out
 
 
 def test_scaling_teachers_must_cover_every_size(tmp_path):

@@ -5,6 +5,7 @@ fixture, about 4 minutes on 2 cores); the DVC run uses a shrunk config to stay f
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -350,12 +351,14 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     reads them). `snakemake prefetch` downloads and verifies everything; the server is then stopped and
     config/cifar10.yaml runs to the report without a network. Switching to config/cifar10-1hour.yaml reuses
     every shared file under resources/. DVC then records the run, reproduces a shared stage identically and runs
-    the other preset."""
+    the other preset. The scaling study trains the 400k preset's run for it (scaling.reuse), grows the batch,
+    and scores FD_DINOv2 beside FID with a tiny ViT in DINOv2's layout."""
     from ect.config import merge, read_config
     from ect.networks import build_network
     from tests.helpers import (
         LoopbackServer,
         cifar_tarball,
+        dinov2_like_bytes,
         edm_snapshot_bytes,
         inception_like_bytes,
         published_stats_like,
@@ -371,7 +374,8 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     # EDM's published statistics, as a stand-in: ours of the same images (the check passes), and shifted (it fails)
     published, shifted = published_stats_like(tarball, inception, tmp_path / "stats")
     files = {"cifar-10-python.tar.gz": tarball, "edm-cifar10-32x32-uncond-vp.pkl": teacher,
-             "inception-2015-12-05.pt": inception, "cifar10-32x32.npz": published, "shifted.npz": shifted}
+             "inception-2015-12-05.pt": inception, "cifar10-32x32.npz": published, "shifted.npz": shifted,
+             "dinov2_vitl14_pretrain.pth": dinov2_like_bytes()}
     md5 = lambda b: hashlib.md5(b).hexdigest()
     dvcfile = "pipelines/cifar10/dvc.yaml"
     with LoopbackServer(files) as server:
@@ -391,10 +395,14 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
         at_32 = [{"set": "ect-2step", "fid": 2.2, "kimg": 0.032, "source": "s"},
                  {"set": "ect-2step", "fid": 2.15, "source": "s"}, {"set": "teacher-heun", "fid": 1.97, "source": "s"}]
         stages_per_preset = {"cifar10": {"tune": {"loss": {"double": 2}}, "report": {"paper": {"claims": at_32}}},
-                             "cifar10-400k": {"tune": {"loss": {"double": 2}}, "report": {"paper": {"claims": at_32}}},
+                             "cifar10-400k": {"tune": {"loss": {"double": 2}, "snapshot_kimg": 0.016},
+                                              "report": {"paper": {"claims": at_32}}},
                              "cifar10-1hour": {"fid": {"published_reference": {"url": f"{server.url}/shifted.npz"}}},
-                             "cifar10-scaling": {"tune": {"loss": {"double": 2}, "snapshot_kimg": 0.016},
-                                                 "scaling": {"budgets_kimg": [0.032, 0.048, 0.064], "samples": 8}}}
+                             "cifar10-scaling": {
+                                 "tune": {"loss": {"double": 2}, "snapshot_kimg": 0.016},
+                                 "fid": {"dinov2": {"url": f"{server.url}/dinov2_vitl14_pretrain.pth"}},
+                                 "scaling": {"budgets_kimg": [0.032, 0.048, 0.064], "samples": 8,
+                                             "batches": {"sizes": ["ddpmpp"], "batch": [8, 16], "iterations": 4}}}}
         for preset, stages in stages_per_preset.items():
             path = repo / "config" / f"{preset}.yaml"
             path.write_text(yaml.safe_dump(merge(merge(yaml.safe_load(path.read_text()), overlay), stages), sort_keys=False))
@@ -407,6 +415,7 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
         run([sys.executable, "workflow/generate_dvc.py"], repo)
         run(["snakemake", "prefetch", "--configfile", "config/cifar10.yaml"], repo)
         run(["snakemake", "prefetch", "--configfile", "config/cifar10-1hour.yaml"], repo)  # its own statistics
+        run(["snakemake", "prefetch", "--configfile", "config/cifar10-scaling.yaml"], repo)  # DINOv2
         assert server.requests and {p for p, _ in server.requests} == {f"/{n}" for n in files}
     for name, blob in [("downloads/cifar-10-python.tar.gz", tarball), ("teachers/edm-cifar10-32x32-uncond-vp.pkl", teacher),
                        ("fid/inception-2015-12-05.pt", inception)]:
@@ -416,7 +425,7 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
         "sha256": hashlib.sha256(inception).hexdigest(), "size": len(inception), "recorded": recorded[
             f"{server.url}/inception-2015-12-05.pt"]["recorded"]}
     assert set(recorded) == {f"{server.url}/{name}" for name in ("inception-2015-12-05.pt", "cifar10-32x32.npz",
-                                                                 "shifted.npz")}
+                                                                 "shifted.npz", "dinov2_vitl14_pretrain.pth")}
     run(["snakemake", "--configfile", "config/cifar10.yaml"], repo, timeout=900)  # the server is gone: no network
     res = repo / "results" / "cifar10"
     r = json.loads((res / "fid" / "ect-2step.json").read_text())
@@ -465,6 +474,27 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
     assert "2.73" in hour and "within 1 A100 GPU-hour(s)" in hour and "not on an A100" in hour  # judged on A100s only
     assert json.loads((repo / "results/cifar10-1hour/claims.json").read_text())[-1]["verdict"] == "unjudged"
     assert "do not match the published ones" in hour and "resources/fid/shifted.npz" in hour  # the warning box
+
+    # The scaling study: the 400k preset's run is trained here, under its own name, by its own command (DVC
+    # writes that stage once); batch 8 at 4 iterations is that run's snapshot, batch 16 a run of its own.
+    run(["snakemake", "scaling", "--configfile", "config/cifar10-scaling.yaml"], repo, timeout=1200)
+    assert (repo / "results/cifar10-400k/tuned.pt").exists() and not (repo / "results/cifar10-scaling/sizes/ddpmpp").exists()
+    planned = run(["snakemake", "-n", "--configfile", "config/cifar10-400k.yaml"], repo).stdout
+    assert not re.search(r"^rule (tune|teacher):", planned, re.M), planned[-2000:]  # nothing trained again
+    study = RunLayout(load_spec(repo / "config/cifar10-scaling.yaml"))
+    points = list(csv.DictReader(open(repo / study.scaling_points)))
+    assert {(r["run"], r["design"], r["metric"]) for r in points} >= {
+        ("ddpmpp", "prefix", "fid"), ("ddpmpp", "prefix", "fd_dinov2"), ("ddpmpp-batch8", "batch", "fd_dinov2"),
+        ("ddpmpp-batch16", "batch", "fid")}
+    assert (repo / "results/cifar10-scaling/sizes/ddpmpp-batch16/tuned.pt").exists()
+    frontier = json.loads((repo / study.scaling_fit("2step")).read_text())
+    assert frontier["fd_dinov2"]["n_points"] >= 3 and "saturating" in frontier["fd_dinov2"]
+    page = (repo / study.report).read_text()
+    assert "FD_DINOv2" in page and "batch-grown" in page
+    dvc = [yaml.safe_load((repo / f"pipelines/{p}/dvc.yaml").read_text())["stages"] for p in ("cifar10-400k",
+                                                                                            "cifar10-scaling")]
+    writes = [{out for stage in stages.values() for out in stage.get("outs", [])} for stages in dvc]
+    assert "results/cifar10-400k/tuned.pt" in writes[0] and "results/cifar10-400k/tuned.pt" not in writes[1]
 
 
 def test_tune_runs_one_process_per_requested_gpu_under_torchrun(tmp_path):
@@ -546,37 +576,53 @@ def test_no_config_file_path_reaches_a_snakemake_shell_unquoted(tmp_path):
 
 
 def test_the_toy_scaling_study_scores_every_point_fits_the_laws_and_reports_them(tmp_path):
-    """`snakemake scaling` on a shrunk toy study (3 sizes x 4 budgets): a job per grid point, the points table,
-    the fits (the frontier across sizes and each size, at 1 and 2 steps) and the report with the law."""
+    """`snakemake scaling` on a shrunk toy study (3 sizes x 4 budgets, a second seed of each size at two budgets,
+    size s grown by its batch): a job per point, the points table with its runs and designs, every fit (the
+    frontier across sizes, each size, the batch-grown runs, across sizes at one budget; pure and with a floor)
+    and the report with both forms and both spreads."""
     repo = clone_repo(tmp_path / "repo")
     overlay = {"pretrain": {"kimg": 2, "tick_kimg": 1},
                "tune": {"kimg": 3.2, "snapshot_kimg": 0.8, "tick_kimg": 0.8, "loss": {"double": 15}},
                "scaling": {"sizes": {"xs": {"model_channels": 8}, "s": {"model_channels": 12},
                                      "m": {"model_channels": 16}},
-                           "budgets_kimg": [0.8, 1.6, 2.4, 3.2], "samples": 128, "sets": 2},
+                           "budgets_kimg": [0.8, 1.6, 2.4, 3.2], "samples": 128, "sets": 3,
+                           "seeds": {"count": 2, "budgets_kimg": [1.6, 3.2]},
+                           # batch 32 for 50 iterations is the 1.6 kimg snapshot of s's own run: trained once
+                           "batches": {"sizes": ["s"], "batch": [16, 32, 64], "iterations": 50}},
                "fid": {"feature_net": {"epochs": 2}}}
     (repo / "small.yaml").write_text(yaml.safe_dump(overlay))
-    run(["snakemake", "scaling", "--configfile", "config/toy-scaling.yaml", "small.yaml"], repo, timeout=1200)
-    study = RunLayout(load_spec(repo / "config/toy-scaling.yaml"))
+    out = run(["snakemake", "scaling", "--configfile", "config/toy-scaling.yaml", "small.yaml"], repo, timeout=1500)
+    spec = load_spec(repo / "config/toy-scaling.yaml", repo / "small.yaml")
+    study = RunLayout(spec)
     declared = set(yaml.safe_load((repo / "pipelines/toy-scaling/dvc.yaml").read_text())["stages"]["report"]["deps"])
     read = report_reads(repo, "reports/audit", "config/toy-scaling.yaml", "small.yaml")
-    assert {RunLayout(load_spec(repo / "config/toy-scaling.yaml"), "m").teacher} <= read <= declared, read - declared
-    for size in ("xs", "s", "m"):
-        for kimg in ("0.8", "1.6", "2.4", "3.2"):
-            assert (repo / study.scaling_point(size, kimg)).exists() and \
-                (repo / study.log(f"scaling_point-{size}-{kimg}")).exists()
-    import csv
+    assert {RunLayout(spec, "m").teacher} <= read <= declared, read - declared
+    assert study.trained_models == ["xs", "s", "m", "xs-seed1", "s-seed1", "m-seed1", "s-batch16", "s-batch64"]
+    assert "--model s-batch32 " not in out.stderr and not (repo / "results/toy-scaling/sizes/s-batch32").exists()
+    for model in spec.scaling.models:
+        for kimg in spec.scaling.budgets_of(model):
+            assert (repo / study.scaling_point(model, f"{kimg:g}")).exists(), (model, kimg)
 
     rows = list(csv.DictReader(open(repo / study.scaling_points)))
-    assert len(rows) == 3 * 4 * 2 * 2 and {r["size"] for r in rows} == {"xs", "s", "m"}
-    compute = {(r["size"], r["kimg"]): float(r["compute"]) for r in rows}
+    assert len(rows) == (3 * 4 + 3 * 2 + 3) * 3 * 2 and {r["size"] for r in rows} == {"xs", "s", "m"}
+    assert {(r["run"], r["design"]) for r in rows if r["size"] == "s"} == {
+        ("s", "prefix"), ("s-seed1", "prefix"), ("s-batch16", "batch"), ("s-batch32", "batch"), ("s-batch64", "batch")}
+    compute = {(r["run"], r["kimg"]): float(r["compute"]) for r in rows}
     assert compute[("m", "3.2")] > compute[("m", "0.8")] and compute[("m", "3.2")] > compute[("xs", "3.2")]
-    for name in ("1step", "2step", "m-2step", "xs-1step"):
+    assert compute[("s-batch32", "1.6")] == compute[("s", "1.6")]  # the same snapshot
+    for name in ("1step", "2step", "m-2step", "xs-1step", "s-batch-2step", "size-1step", "size-2step"):
         fit = json.loads((repo / study.scaling_fit(name)).read_text())
-        assert {"coefficient", "exponent", "exponent_ci95", "r2", "n_points", "holdout"} <= set(fit)
+        assert {"coefficient", "exponent", "exponent_ci95", "r2", "n_points", "holdout", "saturating", "preferred",
+                "supports", "spreads"} <= set(fit)
         assert fit["frontier"] == (name in ("1step", "2step"))
-        assert fit["n_points"] == 4 if not fit["frontier"] else 3 <= fit["n_points"] <= 12
-    page = (repo / study.report).read_text()
+        assert fit["n_points"] == {"m-2step": 4, "xs-1step": 4, "s-batch-2step": 3, "size-1step": 3,
+                                   "size-2step": 3}.get(name, fit["n_points"])
+    size_fit = json.loads((repo / study.scaling_fit("size-2step")).read_text())
+    assert size_fit["axis"] == "size" and size_fit["budget_kimg"] == 3.2 and "against_flops_per_iteration" in size_fit
     frontier = json.loads((repo / study.scaling_fit("2step")).read_text())
+    assert frontier["spreads"]["run_to_run"] is not None and frontier["spreads"]["set_to_set"] is not None
+    page = (repo / study.report).read_text()
     assert f"{frontier['exponent']:.4f}" in page and "seem to obey classic power law scaling" in page
+    assert frontier["supports"] in page and "run-to-run spread" in page and "batch-grown" in page
+    assert "across sizes at one budget" in page and "saturating exponent" in page
     assert (repo / study.report_dir / "scaling.png").stat().st_size > 10_000

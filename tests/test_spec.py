@@ -213,6 +213,87 @@ def test_a_steps_values_change_only_with_what_it_reads():
     a = load_spec(ROOT / "config/config.yaml")
     b = dataclasses.replace(a, sample=dataclasses.replace(a.sample, t_mid=(0.5,)))
     changed = {step for step in STEP_READS if step_values(a, step) != step_values(b, step)}
-    assert changed == {"sample", "fid_curve", "fid_snapshot", "fid_budget", "scaling_point", "report"}
+    assert changed == {"sample", "fid_curve", "fid_snapshot", "fid_emas", "fid_budget", "scaling_point", "report"}
     c = dataclasses.replace(a, tune=dataclasses.replace(a.tune, tick_kimg=0.5, state_kimg=0.5))
     assert {step for step in STEP_READS if step_values(a, step) != step_values(c, step)} == {"report"}
+
+
+# ---------------------------------------------------------------------------------------------
+# A scaling study's runs: sizes, seed repeats, batch-grown runs, reused runs; claims about one run.
+
+def toy_study(**scaling) -> dict:
+    data = read_config(ROOT / "config/toy-scaling.yaml")
+    data["scaling"] = {**data["scaling"], **scaling}
+    return data
+
+
+def test_a_studys_runs_are_its_sizes_their_seed_repeats_and_their_batch_grown_runs():
+    from ect.spec import same_run, training_options
+
+    spec = build_spec(toy_study())
+    assert list(spec.scaling.models) == ["xs", "s", "m", "xs-seed1", "s-seed1", "m-seed1", "s-batch16", "s-batch32",
+                                         "s-batch64"]
+    seed = training_options(spec, "tune", model="m-seed1")
+    assert (seed.seed, seed.kimg, seed.batch, seed.arch) == (spec.tune.seed + 1, 6.4, 32,
+                                                             training_options(spec, "tune", "m").arch)
+    assert spec.scaling.budgets_of("m-seed1") == (3.2, 6.4) and spec.scaling.budgets_of("m") == (1.6, 3.2, 6.4, 12.8)
+    grown = training_options(spec, "tune", model="s-batch64")
+    assert (grown.batch, grown.total_iters, grown.kimg, grown.snapshot_kimg) == (64, 200, 12.8, 12.8)
+    assert spec.scaling.budgets_of("s-batch64") == (12.8,)
+    # batch 32 for 200 iterations is the 6.4 kimg snapshot of s's own run: an alias, not a second training
+    assert [same_run(spec, m) for m in ("s-batch16", "s-batch32", "s-batch64", "s-seed1")] == [None, "s", None, None]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": {"count": 2, "budgets_kimg": [5.0]}}, "seeds.budgets_kimg: [5.0] are not budgets"),
+    ({"seeds": {"count": 1, "budgets_kimg": [3.2]}}, "scaling.seeds.count: 1 is less than the minimum of 2"),
+    ({"seeds": {"count": 2, "budgets_kimg": [3.2], "sizes": ["xl"]}}, "seeds.sizes: ['xl'] are not sizes"),
+    ({"batches": {"sizes": ["q"], "batch": [8], "iterations": 10}}, "batches.sizes: ['q'] are not sizes"),
+    ({"sets": 2}, "scaling.sets: 2 is less than the minimum of 3"),
+    ({"sizes": {"size": {}, "s": {"model_channels": 16}}}, "'size' names the fit across sizes"),
+    ({"reuse": {"s": "Bad Name"}}, "scaling.reuse.s: 'Bad Name' does not match"),
+    ({"reuse": {"s": "no-such-preset"}}, "config/no-such-preset.yaml"),
+    ({"reuse": {"s": "config"}}, "cannot stand in for a size with its own teacher or arch"),
+])
+def test_a_studys_runs_are_checked_at_plan_time(change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from ect.layout import RunLayout
+
+        RunLayout(build_spec(toy_study(**change), "c.yaml"))  # the layout reads and checks a reused preset
+
+
+def test_a_reused_run_must_be_the_run_the_study_would_train(tmp_path, monkeypatch):
+    from ect.layout import RunLayout
+
+    spec = load_spec(ROOT / "config/cifar10-scaling.yaml")
+    layout = RunLayout(spec, "ddpmpp")
+    assert (layout.model, layout.teacher) == ("results/cifar10-400k", "results/cifar10-400k/teacher.pt")
+    assert RunLayout(spec, "ddpmpp-batch256").model == "results/cifar10-scaling/sizes/ddpmpp-batch256"
+    assert RunLayout(spec, "ddpmpp-batch128").model == "results/cifar10-400k"  # its snapshot at 12.8 Mimg
+    assert RunLayout(spec).trained_models == ["ddpmpp-batch256", "ddpmpp-batch512"]
+    (tmp_path / "config").mkdir()
+    other = read_config(ROOT / "config/cifar10-400k.yaml")
+    other["tune"]["lr"] = 2e-4
+    (tmp_path / "config/cifar10-400k.yaml").write_text(yaml.safe_dump(other))
+    monkeypatch.chdir(tmp_path)
+    from ect import spec as spec_module
+
+    spec_module._preset_spec.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="tunes otherwise than this study's size ddpmpp"):
+            RunLayout(spec)
+    finally:
+        spec_module._preset_spec.cache_clear()
+
+
+def test_a_claim_names_a_run_of_a_study_and_only_of_a_study():
+    study = toy_study()
+    study["report"]["paper"]["claims"] = [{"set": "ect-2step", "fid": 9.0, "source": "s", "model": "s-batch64"}]
+    assert build_spec(study).report.paper.claims[0].model == "s-batch64"
+    study["report"]["paper"]["claims"][0]["model"] = "s-batch65"
+    with pytest.raises(ConfigError, match="must be a run of scaling.models"):
+        build_spec(study)
+    run = read_config(ROOT / "config/config.yaml")
+    run["report"]["paper"] = {"source": "s", "claims": [{"set": "ect-2step", "fid": 9.0, "source": "s", "model": "s"}]}
+    with pytest.raises(ConfigError, match="only a scaling study's claims name a run"):
+        build_spec(run)

@@ -23,11 +23,11 @@ import yaml
 from ect.checkpoint import read_checkpoint
 from ect.claims import BUDGET, claim_record, spread
 from ect.errors import BadInput
-from ect.fid import read_curve, read_fid_result, read_reference_check, read_snapshot_fid
+from ect.fid import read_curve, read_emas, read_fid_result, read_reference_check, read_snapshot_fid
 from ect.fileio import read_json, remove_stale_temporaries, sha256_file, write_json_atomic
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.report import plots
-from ect.scaling import read_fit, read_points
+from ect.scaling import METRICS, read_fit, read_points
 from ect.train import read_train_log
 from ect.typed import plain
 
@@ -77,7 +77,8 @@ def collect(spec, config_files: list[str]) -> dict:
         r = read_fid_result(layout.fid(name))
         rows.append({"set": name, "label": sample_set.label, "nfe": r["nfe"], "fid_min": r["fid_min"],
                      "fid_mean": r["fid_mean"], "fid_sets": r["fid_sets"],
-                     "other_modes": {m: v["fid_min"] for m, v in r.get("modes", {}).items() if m != r["mode"]}})
+                     "other_modes": {m: v["fid_min"] for m, v in r.get("modes", {}).items() if m != r["mode"]},
+                     "dinov2": r.get("modes", {}).get("fd_dinov2")})
     any_fid = read_fid_result(layout.fid(next(iter(SAMPLE_SETS))))
     curve = read_curve(layout.curve)
     checkpoints = {name: {"path": layout.checkpoint(name), "sha256": sha256_file(layout.checkpoint(name))}
@@ -91,6 +92,7 @@ def collect(spec, config_files: list[str]) -> dict:
         "claims": paper_claims(spec, layout),
         "budget": read_json(layout.budget_fid, "budget judgement", BUDGET) if layout.judges_budget else None,
         "reference_check": read_reference_check(layout.reference_check) if layout.reference_check else None,
+        "emas": ema_table(read_emas(layout.emas_fid)) if layout.emas_fid else None,
         "cost": cost,
         "cost_context": cost_context(spec, tuned_meta),
         "paper": paper,
@@ -98,6 +100,7 @@ def collect(spec, config_files: list[str]) -> dict:
         "protocol": {
             "mode": any_fid["mode"],
             "modes": spec.fid.modes,
+            "dinov2": spec.fid.dinov2 is not None,
             "feature_net": spec.fid.feature_net.url or "trained by the feature_net rule (fixed seed)",
             "feature_net_sha256": any_fid["feature_net_sha256"],
             "feature_net_check": next((d["how"] for d in downloads_checked(layout) if d["path"] == layout.feature_net),
@@ -123,6 +126,16 @@ def collect(spec, config_files: list[str]) -> dict:
             "teacher_source": spec.teacher,
         },
     }
+
+
+def ema_table(scored: dict) -> dict:
+    """Every EMA's mean of each metric at each step count, the lowest of each, and the output EMA."""
+    keys = sorted({k for p in scored["points"] for k in p if k.startswith(("fid_", "fd_dinov2_"))})
+    rows = [{"ema_std": p["ema_std"], "output": p["ema_std"] == scored["output_ema_std"],
+             "mean": {k: sum(p[k]) / len(p[k]) for k in keys if k in p}} for p in scored["points"]]
+    lowest = {k: min(r["mean"][k] for r in rows if k in r["mean"]) for k in keys}
+    return {"keys": keys, "rows": sorted(rows, key=lambda r: r["ema_std"]), "lowest": lowest,
+            "output_ema_std": scored["output_ema_std"], "sets": scored["sets"], "samples": scored["samples"]}
 
 
 def runtimes(spec, layout: RunLayout, teacher_meta: dict, tuned_meta: dict, curve: dict) -> list[dict]:
@@ -173,24 +186,62 @@ def collect_scaling(spec, config_files: list[str]) -> dict:
     """Everything a scaling study's report shows, from its points and fits."""
     layout = RunLayout(spec)
     steps = [str(n) for n in spec.fid.curve_steps]
-    fits = [read_fit(layout.scaling_fit(name)) for name in layout.scaling_fit_names(spec.fid.curve_steps)]
-    grouped: dict[tuple, dict] = {}
-    for row in read_points(layout.scaling_points):
-        point = grouped.setdefault((row["size"], float(row["kimg"])), {"size": row["size"], "kimg": float(row["kimg"]),
-                                                                       "compute": row["compute"], "sets": {}})
-        point["sets"].setdefault(row["steps"], []).append(row["fid"])
-    points = [{**p, "fid": {s: sum(v) / len(v) for s, v in p["sets"].items()}} for p in grouped.values()]
+    fits = [{**read_fit(layout.scaling_fit(name)), "name": name, "kind": _fit_kind(name, spec)}
+            for name in layout.scaling_fits(spec.fid.curve_steps)]
     teachers = []
     for size, arch in spec.scaling.sizes.items():
         meta = read_checkpoint(RunLayout(spec, size).teacher)["meta"]
         teachers.append({"size": size, "arch": arch or "the teacher's", "flops": meta.get("flops")})
     statement = spec.report.paper.statement if spec.report.paper else None
-    return {**page_header(spec), "claims": [], "steps": steps, "fits": fits,
-            "frontier": [f for f in fits if f["frontier"]],
-            "points": sorted(points, key=lambda p: (list(spec.scaling.sizes).index(p["size"]), p["kimg"])),
+    points = scaling_points(layout, spec)
+    return {**page_header(spec), "claims": scaling_claims(spec, points), "steps": steps, "fits": fits,
+            "metrics": [m for m in METRICS if m == METRICS[0] or any(m in f for f in fits)],
+            "frontier": [f for f in fits if f["frontier"]], "points": points,
             "teachers": teachers, "sets": spec.scaling.sets, "samples": spec.scaling.samples,
             "statement": statement or "(no statement in the preset)",
+            "reference_check": read_reference_check(layout.reference_check) if layout.reference_check else None,
             "provenance": provenance(spec, config_files, layout, [])}
+
+
+def _fit_kind(name: str, spec) -> str:
+    """What a fit of the study is, in words (its name: ect/layout.py, RunLayout.scaling_fits)."""
+    head = name.rsplit("-", 1)[0] if "-" in name else ""
+    if not head:
+        return "frontier across sizes (FLOPs)"
+    if head == "size":
+        return "across sizes at one budget (parameters)"
+    if head.endswith("-batch"):
+        return f"size {head.removesuffix('-batch')}, batch-grown runs (FLOPs)"
+    return f"size {head}, prefix budgets (FLOPs)"
+
+
+def scaling_claims(spec, points: list[dict]) -> list[dict]:
+    """A scaling study's published numbers, each about one of its runs (report.paper.claims[].model): judged
+    from that run's point at its final budget, scored on scaling.sets sets."""
+    records = []
+    for claim in spec.report.paper.claims if spec.report.paper else ():
+        key = f"fid_{SAMPLE_SETS[claim.set].steps}"
+        final = max((p for p in points if p["run"] == claim.model and key in p["sets"]), key=lambda p: p["kimg"],
+                    default=None)
+        if final is None:
+            raise ReportError(f"no point of run {claim.model} in {RunLayout(spec).scaling_points}: rerun the study")
+        label = f"{SAMPLE_SETS[claim.set].label}, run {claim.model}, FID {claim.fid:g} at {final['kimg']:g} kimg"
+        records.append(claim_record(label, claim.fid, final["sets"][key], claim.statistic, claim.source,
+                                    claim.secondary, set=claim.set, kimg=final["kimg"], model=claim.model))
+    return records
+
+
+def scaling_points(layout: RunLayout, spec) -> list[dict]:
+    """The points table: a row per run and budget, each metric's mean and sets at each step count."""
+    grouped: dict[tuple, dict] = {}
+    for row in read_points(layout.scaling_points):
+        point = grouped.setdefault((row.get("run", ""), float(row["kimg"])), {
+            "run": row.get("run", ""), "size": row.get("size", ""), "design": row.get("design", "prefix"),
+            "kimg": float(row["kimg"]), "compute": row["compute"], "params": row.get("params"), "sets": {}})
+        point["sets"].setdefault(f"{row.get('metric', 'fid')}_{row['steps']}", []).append(row["fid"])
+    points = [{**p, "mean": {k: sum(v) / len(v) for k, v in p["sets"].items()}} for p in grouped.values()]
+    order = list(spec.scaling.models)
+    return sorted(points, key=lambda p: (order.index(p["run"]) if p["run"] in order else len(order), p["kimg"]))
 
 
 FLOP_CONVENTION = ("2 FLOPs a multiply-add, counted by torch's FLOP counter on matrix products and convolutions: "

@@ -47,29 +47,39 @@ def fid_curve(points: list[dict], device_type: str | None, path) -> None:
 
 
 def scaling(points: list[dict], fits: list[dict], path) -> None:
-    """FID against tuning FLOPs, log-log, a panel per step count: each size's points and fitted law
-    (dashed), and the law of the compute frontier across sizes (solid)."""
+    """FID against tuning FLOPs, log-log, a panel per step count: each run's points by size (circles: prefix
+    budgets, triangles: batch-grown runs), each size's fitted law (dashed), and the laws of the compute
+    frontier across sizes (solid: pure, dotted: with a floor)."""
     import numpy as np
 
-    steps = sorted({s for p in points for s in p["fid"]}, key=int)
+    steps = sorted({k.split("_")[-1] for p in points for k in p["mean"] if k.startswith("fid_")}, key=int)
     sizes = list(dict.fromkeys(p["size"] for p in points))
     fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 3.8), squeeze=False)
     for ax, step in zip(axes[0], steps, strict=True):
+        key = f"fid_{step}"
         for i, size in enumerate(sizes):
-            mine = sorted((p for p in points if p["size"] == size), key=lambda p: p["compute"])
             color = f"C{i}"
-            ax.plot([p["compute"] for p in mine], [p["fid"][step] for p in mine], "o", color=color, label=f"size {size}")
-            law = next((f for f in fits if f["size"] == size and f["steps"] == step), None)
+            for design, marker in (("prefix", "o"), ("batch", "^")):
+                mine = sorted((p for p in points if p["size"] == size and p["design"] == design and key in p["mean"]),
+                              key=lambda p: p["compute"])
+                if mine:
+                    ax.plot([p["compute"] for p in mine], [p["mean"][key] for p in mine], marker, color=color,
+                            label=f"size {size}" + (" (batch-grown)" if design == "batch" else ""))
+            law = next((f for f in fits if f["name"] == f"{size}-{step}step"), None)
             if law:
-                c = np.geomspace(mine[0]["compute"], mine[-1]["compute"], 50)
+                c = np.geomspace(min(p["x"] for p in law["points"]), max(p["x"] for p in law["points"]), 50)
                 ax.plot(c, law["coefficient"] * c ** -law["exponent"], "--", color=color)
-        law = next((f for f in fits if f["frontier"] and f["steps"] == step), None)
+        law = next((f for f in fits if f["name"] == f"{step}step"), None)
         if law:
             c = np.geomspace(min(p["compute"] for p in points), max(p["compute"] for p in points), 50)
             ax.plot(c, law["coefficient"] * c ** -law["exponent"], "-", color="k",
                     label=f"frontier: exponent {law['exponent']:.3f}")
+            sat = law["saturating"]
+            if sat["exponent"] is not None:
+                ax.plot(c, sat["coefficient"] * c ** -sat["exponent"] + sat["floor"], ":", color="k",
+                        label=f"with a floor: exponent {sat['exponent']:.3f}, floor {sat['floor']:.3g}")
         ax.set(xscale="log", yscale="log", xlabel="tuning FLOPs", ylabel="FID", title=f"{step}-step")
         for axis in (ax.xaxis, ax.yaxis):  # label the decades only: minor labels overlap
             axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     _save(fig, path)

@@ -1,5 +1,6 @@
 # The run spec, the run layout and per-rule settings shared by every rule.
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -23,11 +24,11 @@ try:
             "file and add it with --configfile"
         )
     SPEC = build_spec(read_config(*CONFIG_FILES), " + ".join(CONFIG_FILES))  # every value checked (ect/spec.py)
+    L = RunLayout(SPEC)  # every path of the run (ect/layout.py); a reused run's preset is read and checked
 except ConfigError as exc:  # one line, before any job is planned (a traceback would hide it)
     print(f"invalid config: {exc}", file=sys.stderr)
     sys.exit(2)
 
-L = RunLayout(SPEC)  # every path of the run (ect/layout.py)
 
 
 def config_files(wildcards, input):
@@ -40,8 +41,14 @@ def config_files(wildcards, input):
 
 def settings(step):
     """The values a step reads, as its `settings` param (their keys are its DVC params); a function of the
-    job's wildcards (a scaling study's size selects its own overrides)."""
-    return lambda wildcards: step_values(SPEC, step, dict(wildcards))
+    job's wildcards (a scaling study's size and run select their own overrides)."""
+    return lambda wildcards: step_values(SPEC, step, with_size(dict(wildcards)))
+
+
+def with_size(wildcards):
+    """A run's wildcards with its size, which a run of a scaling study implies."""
+    model = wildcards.get("model")
+    return {**wildcards, "size": SPEC.scaling.models[model].size} if model and SPEC.scaling else wildcards
 
 
 def per_job(path):
@@ -50,13 +57,19 @@ def per_job(path):
 
 
 def size_args(wildcards):
-    """` --size S` for a scaling study's per-size training jobs, else nothing."""
+    """` --size S` for a scaling study's per-size jobs (its teachers), else nothing."""
     return optional_args(["--size", wildcards.size] if L.scaling else [])
 
 
-def resources_of(rule_name):
-    """A rule's Snakemake resources: its settings without threads, and no gpu key when it asks for none."""
-    res = SPEC.resources_of(rule_name)
+def model_args(wildcards):
+    """` --model M` for a scaling study's per-run jobs (tuning, its points), else nothing."""
+    return optional_args(["--model", wildcards.model] if L.scaling else [])
+
+
+def resources_of(rule_name, spec=None):
+    """A rule's Snakemake resources (in ``spec``, by default the run's): its settings without threads, and no
+    gpu key when it asks for none."""
+    res = (spec or SPEC).resources_of(rule_name)
     res.pop("threads")
     if not res.get("gpu"):
         res.pop("gpu", None)
@@ -68,8 +81,8 @@ def gpus_of(rule_name):
     return resources_of(rule_name).get("gpu", 0)
 
 
-def threads_of(rule_name):
-    return SPEC.resources_of(rule_name)["threads"]
+def threads_of(rule_name, spec=None):
+    return (spec or SPEC).resources_of(rule_name)["threads"]
 
 
 def dataset_args(wildcards, input):
@@ -182,13 +195,6 @@ def record_in_dvc():
         print(f"recorded {len(stages)} stage(s) of preset '{preset}' in DVC (dvc.lock): `dvc status` is clean")
 
 
-def scaling_fit_args(fit):
-    """`ect scaling-fit` options of a fit's name: `2step` is the frontier across sizes, `m-2step` size m."""
-    size, _, steps = fit.rpartition("-")
-    selection = ["--steps", steps.removesuffix("step")]
-    return optional_args(selection + (["--size", size] if size else ["--frontier"]))
-
-
 def report_inputs(wildcards):
     """Every file the report reads (a test keeps it so): a run's FIDs, grids, curves, logs and checkpoints, or a
     study's points, fits and teachers; and how each download was fetched."""
@@ -200,6 +206,7 @@ def report_inputs(wildcards):
             "fits": [L.scaling_fit(name) for name in FITS],
             "teachers": teachers,
             "downloads": downloads,
+            "reference_check": [L.reference_check] if L.reference_check else [],
         }
     return {
         "downloads": downloads,
@@ -211,4 +218,5 @@ def report_inputs(wildcards):
         "data": L.dataset,
         "claims": [L.snapshot_fid(f"{kimg:g}") for kimg in L.claim_kimgs] + ([L.budget_fid] if L.judges_budget else []),
         "reference_check": [L.reference_check] if L.reference_check else [],
+        "emas": [L.emas_fid] if L.emas_fid else [],
     }

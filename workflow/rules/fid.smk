@@ -258,3 +258,35 @@ if not L.scaling:  # a single run's evaluation (a scaling study scores its point
                 "exec ect fid-budget --config {params.config:q} --curve {input.curve:q} --snapshots {input.snapshots:q}"
                 " --ref {input.ref:q} --feature-net {input.feature_net:q}{params.dinov2}{params.dataset} --out {output:q}"
                 " --no-progress > {log:q} 2>&1"
+
+
+if L.emas_fid:
+
+    rule fid_emas:
+        """Every EMA of the tuning run at its end (classic, each power-function one), scored with the full protocol."""
+        input:
+            emas=L.emas,
+            ref=L.reference,
+            feature_net=L.feature_net,
+            dinov2=L.dinov2_inputs,
+            labels_source=L.labels_source,
+        output:
+            L.emas_fid,
+        log:
+            L.log("fid_emas"),
+        benchmark:
+            L.benchmark("fid_emas")
+        conda:
+            "../envs/ect.yaml"
+        threads: threads_of("fid_emas")
+        resources:
+            **resources_of("fid_emas"),
+        params:
+            config=config_files,
+            settings=settings("fid_emas"),
+            dinov2=dinov2_args,
+            dataset=dataset_args,
+        shell:
+            "exec ect fid-emas --config {params.config:q} --emas {input.emas:q} --ref {input.ref:q}"
+            " --feature-net {input.feature_net:q}{params.dinov2}{params.dataset} --out {output:q} --no-progress"
+            " > {log:q} 2>&1"

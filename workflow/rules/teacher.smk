@@ -1,4 +1,19 @@
-# The teacher: trained here (toy) or a pretrained EDM pickle converted to our checkpoint.
+# The teacher: trained here (toy) or a pretrained EDM pickle converted to our checkpoint; in a scaling study
+# one per size ({size}), but a size whose run another preset makes (scaling.reuse: scaling.smk).
+
+
+PRETRAIN_SHELL = (
+    "exec ect pretrain --config {params.config:q}{params.size} --data {input.data:q} --state-dir {params.state:q}"
+    " --out {output.teacher:q} --train-log {output.train_log:q} --no-progress > {log:q} 2>&1"
+)
+CONVERT_SHELL = "exec ect convert-edm {input:q} {output:q}{params.checksums} > {log:q} 2>&1"
+
+
+def size_constraint():
+    sizes = [s for s in SPEC.scaling.sizes if s not in L.reused] if SPEC.scaling else []
+    return {"size": "|".join(map(re.escape, sizes)) or "-"} if SPEC.scaling else {}
+
+
 if SPEC.teacher.source == "pretrain":
 
     rule pretrain:
@@ -9,9 +24,11 @@ if SPEC.teacher.source == "pretrain":
             teacher=L.teacher,
             train_log=L.pretrain_log,
         log:
-            L.model_log("pretrain"),
+            L.size_log("pretrain"),
         benchmark:
-            L.model_benchmark("pretrain")
+            L.size_benchmark("pretrain")
+        wildcard_constraints:
+            **size_constraint(),
         conda:
             "../envs/ect.yaml"
         threads: threads_of("pretrain")
@@ -23,8 +40,7 @@ if SPEC.teacher.source == "pretrain":
             state=per_job(L.state("pretrain")),  # resumable state: not an output, so a retry resumes
             size=size_args,
         shell:
-            "exec ect pretrain --config {params.config:q}{params.size} --data {input.data:q} --state-dir {params.state:q}"
-            " --out {output.teacher:q} --train-log {output.train_log:q} --no-progress > {log:q} 2>&1"
+            PRETRAIN_SHELL
 
 else:
 
@@ -36,9 +52,11 @@ else:
         output:
             L.teacher,
         log:
-            L.model_log("teacher"),
+            L.size_log("teacher"),
         benchmark:
-            L.model_benchmark("teacher")
+            L.size_benchmark("teacher")
+        wildcard_constraints:
+            **size_constraint(),
         conda:
             "../envs/ect.yaml"
         resources:
@@ -46,4 +64,4 @@ else:
         params:
             checksums=lambda wildcards: checksum_args(L.teacher_entry_of(wildcards.get("size"), SPEC.teacher)),
         shell:
-            "exec ect convert-edm {input:q} {output:q}{params.checksums} > {log:q} 2>&1"
+            CONVERT_SHELL

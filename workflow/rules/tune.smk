@@ -1,16 +1,46 @@
+# ECT tuning: one run, or in a scaling study one per run of the study ({model}: a size, a seed repeat or a
+# batch-grown run), each from its size's teacher.
+TUNE_SHELL = (
+    "exec {params.launcher:q} tune --config {params.config:q}{params.model} --data {input.data:q}"
+    " --teacher {input.teacher:q} --state-dir {params.state:q} --out {output.tuned:q}"
+    " --snapshots {output.snapshots:q}{params.emas} --train-log {output.train_log:q} --no-progress > {log:q} 2>&1"
+)
+
+
+def tune_launcher(spec):
+    """One process per GPU on this node (torchrun); a single process without torchrun otherwise."""
+    gpus = spec.resources_of("tune").get("gpu", 0)
+    return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "ect.cli"] if gpus > 1 else ["ect"]
+
+
+def tune_outputs(layout):
+    """A tuning run's outputs: the output EMA, its snapshots and log, and every EMA when it tracks several."""
+    return dict(
+        tuned=layout.tuned,
+        snapshots=directory(layout.snapshots),
+        train_log=layout.train_log,
+        **({"emas": directory(layout.emas)} if SPEC.tune.pf_ema_stds else {}),
+    )
+
+
+def emas_args(wildcards, output):
+    """` --emas DIR` for a run that tracks power-function EMAs: every EMA is published for scoring."""
+    return optional_args(["--emas", output.emas] if "emas" in output.keys() else [])
+
+
 rule tune:
     """ECT: tune the teacher into a consistency model; EMA snapshots for the FID curve."""
     input:
         data=L.dataset,
-        teacher=L.teacher,
+        teacher=lambda wildcards: RunLayout(SPEC, wildcards.get("model", "{model}")).teacher,
     output:
-        tuned=L.tuned,
-        snapshots=directory(L.snapshots),
-        train_log=L.train_log,
+        **tune_outputs(L),
     log:
         L.model_log("tune"),
     benchmark:
         L.model_benchmark("tune")
+    wildcard_constraints:
+        **({"model": "|".join(map(re.escape, L.trained_models)) or "-"} if SPEC.scaling else {}),
     conda:
         "../envs/ect.yaml"
     threads: threads_of("tune")
@@ -24,14 +54,8 @@ rule tune:
         config=config_files,
         settings=settings("tune"),
         state=per_job(L.state("tune")),  # resumable state: not an output, so a retry resumes
-        size=size_args,  # a scaling study's size: its scaling.tune overrides
-        # one process per GPU on this node (torchrun); a single process without torchrun otherwise
-        launcher=(
-            ["torchrun", "--standalone", f"--nproc_per_node={gpus_of('tune')}", "-m", "ect.cli"]
-            if gpus_of("tune") > 1
-            else ["ect"]
-        ),
+        model=model_args,  # a scaling study's run: its size's overrides, its seed, batch and length
+        emas=emas_args,
+        launcher=tune_launcher(SPEC),
     shell:
-        "exec {params.launcher:q} tune --config {params.config:q}{params.size} --data {input.data:q} --teacher {input.teacher:q}"
-        " --state-dir {params.state:q} --out {output.tuned:q} --snapshots {output.snapshots:q}"
-        " --train-log {output.train_log:q} --no-progress > {log:q} 2>&1"
+        TUNE_SHELL
