@@ -327,7 +327,8 @@ def run_reference_check(args) -> int:
     result = compare_reference(args.ours, args.theirs, args.mode)
     write_json_atomic(args.out, result)
     verdict = "they match" if result["pass"] else f"WARNING: above {result['threshold']}, check the data and protocol"
-    say(f"Frechet distance between {args.ours} and {args.theirs}: {result['frechet_distance']:.6f} ({verdict})")
+    say(f"Frechet distance between {args.ours} and {args.theirs}: " + ", ".join(
+        f"{metric} {d:.6f}" for metric, d in result["distances"].items()) + f" ({verdict})")
     return 0
 
 

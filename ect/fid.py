@@ -59,8 +59,10 @@ def reference_statistics(data_path, feature_net, kind: str, sha256: str | None, 
     part = shard_range(len(images), shard or (0, 1))
     ex = extractors(kind, sha256, modes, feature_net, device, dinov2, dinov2_sha256)
     moments = {mode: feature_moments(images[part.start:part.stop], e, batch, progress) for mode, e in ex.items()}
+    dims = {mode: int(m[1].shape[0]) for mode, m in moments.items()}
     meta = {"source": str(data_path), "images": len(images), "dataset_sha256": load_dataset_digest(data_path),
             "feature_net_sha256": next(iter(ex.values())).sha256, "resolution": int(images.shape[1]),
+            "feature_dim": next(iter(dims.values())), "feature_dims": dims,
             **({"dinov2_sha256": ex[FD_DINOV2].sha256} if FD_DINOV2 in ex else {})}
     if shard:
         save_moments(out, moments, {**meta, "shard": list(shard)})
@@ -192,17 +194,29 @@ def read_published_stats(path, mode: str = "legacy_tensorflow") -> tuple[np.ndar
 
 def compare_reference(ours_path, theirs_path, mode: str) -> dict:
     """The Frechet distance between our reference statistics (in ``mode``) and the published ones: near 0 when
-    our data and preprocessing match the authors'."""
+    our data and preprocessing match the authors'. When both hold FD_DINOv2 statistics (EDM2's img64.pkl
+    does), those are compared too, and both must match."""
     ours, meta = load_stats(ours_path)
     if mode not in ours:
         raise FIDError(f"reference statistics {ours_path} have no {mode!r} statistics")
+    distances = {mode: _published_distance(ours, ours_path, theirs_path, mode)}
+    if FD_DINOV2 in ours and Path(theirs_path).suffix == ".pkl":
+        try:
+            distances[FD_DINOV2] = _published_distance(ours, ours_path, theirs_path, FD_DINOV2)
+        except FIDError as exc:
+            if "have no" not in str(exc):
+                raise
+    return {"ours": str(ours_path), "theirs": str(theirs_path), "mode": mode, "frechet_distance": distances[mode],
+            "threshold": REFERENCE_MATCH, "pass": all(d < REFERENCE_MATCH for d in distances.values()),
+            "images": meta.get("images"), "distances": distances}
+
+
+def _published_distance(ours: dict, ours_path, theirs_path, mode: str) -> float:
     mu, sigma = read_published_stats(theirs_path, mode)
     if ours[mode][0].shape != mu.shape:
-        raise FIDError(f"{theirs_path} has {mu.shape[0]}-d features, {ours_path} {ours[mode][0].shape[0]}-d: not the "
-                       "same feature network")
-    distance = frechet_distance(*ours[mode], mu, sigma)
-    return {"ours": str(ours_path), "theirs": str(theirs_path), "mode": mode, "frechet_distance": distance,
-            "threshold": REFERENCE_MATCH, "pass": distance < REFERENCE_MATCH, "images": meta.get("images")}
+        raise FIDError(f"{theirs_path} has {mu.shape[0]}-d {mode} features, {ours_path} {ours[mode][0].shape[0]}-d: "
+                       "not the same feature network")
+    return frechet_distance(*ours[mode], mu, sigma)
 
 
 @dataclass(frozen=True)

@@ -35,3 +35,12 @@ def test_the_step_time_benchmark_runs_on_the_toy_network():
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["network"] == "toy" and row["batch"] == 4 and row["ours"]["step_s"] > 0 and row["noise_floor"] > 0
     assert "reference" not in row and "no --reference" in proc.stderr
+
+
+def test_the_scaling_fit_benchmark_runs_beside_the_first_version():
+    """benchmarks/scaling_fit.py times ours beside ect/scaling.py at its first commit (read from git): run it
+    small, so that it stays runnable."""
+    proc = subprocess.run([sys.executable, "benchmarks/scaling_fit.py", "--rows", "2000", "--baseline-rows", "400"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("faster") == 2 and proc.stdout.count("2,000 rows: ours") == 2

@@ -53,6 +53,23 @@ def test_toy_edm2_checkpoints_are_edm2_networks_the_student_without_the_logvar_h
     assert tuned["arch"]["logvar_channels"] == 0 and not any(k.startswith("logvar") for k in tuned["state_dict"])
     emas = sorted(p.name for p in (repo / LAYOUT.state("tune") / "emas").glob("*.pt"))
     assert emas == ["classic.pt", "pf-0.010.pt", "pf-0.050.pt", "pf-0.100.pt"]
+    assert sorted(p.name for p in (repo / LAYOUT.emas).glob("*.pt")) == emas  # published for scoring
+
+
+def test_toy_edm2_scores_every_ema_and_the_report_shows_them_with_the_output_one(edm2_run):
+    """As EDM2 scores each EMA length: every EMA with the full protocol, the lowest of each metric, and the
+    one the verdicts use (the output EMA: here the classic one) marked."""
+    repo, _ = edm2_run
+    scored = json.loads((repo / LAYOUT.emas_fid).read_text())
+    assert sorted(p["ema_std"] for p in scored["points"]) == [0.0, 0.01, 0.05, 0.1]
+    assert all(len(p["fid_1step"]) == len(p["fid_2step"]) == 3 for p in scored["points"])
+    classic = next(p for p in scored["points"] if p["ema_std"] == 0)
+    final = json.loads((repo / LAYOUT.fid("ect-2step")).read_text())["fid_sets"]
+    assert classic["fid_2step"] == pytest.approx(final, rel=1e-9)  # the output EMA is the tuned model
+    lowest = scored["min"]["fid_2step"]
+    assert lowest["mean"] == min(sum(p["fid_2step"]) / 3 for p in scored["points"])
+    page = (repo / LAYOUT.report).read_text()
+    assert "Every EMA at the end" in page and "classic (output)" in page
 
 
 def test_toy_edm2_samples_are_of_the_class_they_were_asked_for(edm2_run):

@@ -180,6 +180,15 @@ def test_published_statistics_are_read_from_edm_npz_and_edm2_pickles_and_compare
     (tmp_path / "shifted.pkl").write_bytes(pickle.dumps({"fid": {"mu": mu + 1, "sigma": sigma}}, protocol=4))
     check = compare_reference(tmp_path / "ours.npz", tmp_path / "shifted.pkl", "legacy_tensorflow")
     assert not check["pass"] and abs(check["frechet_distance"] - 8.0) < 1e-6  # |mu shift|^2 = 8
+    # with FD_DINOv2 statistics on both sides (EDM2's img64.pkl has them), both are compared and both must match
+    save_stats(tmp_path / "both.npz", {"legacy_tensorflow": (mu, sigma), "fd_dinov2": (mu[:4], sigma[:4, :4])},
+               {"images": 10})
+    check = compare_reference(tmp_path / "both.npz", tmp_path / "edm2.pkl", "legacy_tensorflow")
+    assert check["pass"] and set(check["distances"]) == {"legacy_tensorflow", "fd_dinov2"}
+    (tmp_path / "dino-off.pkl").write_bytes(pickle.dumps({"fid": {"mu": mu, "sigma": sigma},
+                                                          "fd_dinov2": {"mu": mu[:4] + 1, "sigma": sigma[:4, :4]}}))
+    check = compare_reference(tmp_path / "both.npz", tmp_path / "dino-off.pkl", "legacy_tensorflow")
+    assert not check["pass"] and check["frechet_distance"] < 1e-9 and abs(check["distances"]["fd_dinov2"] - 4) < 1e-6
     (tmp_path / "evil.pkl").write_bytes(b"\x80\x02cposix\nsystem\n\x8c\x02id\x85R.")
     with pytest.raises(Refused, match="refusing to load global 'posix.system'"):
         compare_reference(tmp_path / "ours.npz", tmp_path / "evil.pkl", "legacy_tensorflow")

@@ -406,11 +406,14 @@ def test_cifar10_preset_prefetches_runs_offline_shares_resources_and_is_recorded
         for preset, stages in stages_per_preset.items():
             path = repo / "config" / f"{preset}.yaml"
             path.write_text(yaml.safe_dump(merge(merge(yaml.safe_load(path.read_text()), overlay), stages), sort_keys=False))
-        # the other presets that fetch the same Inception file (ImageNet) must fetch it the same way
+        # the other presets that fetch the same Inception and DINOv2 files (ImageNet) must fetch them the same way
+        dinov2 = stages_per_preset["cifar10-scaling"]["fid"]["dinov2"]
         for path in sorted((repo / "config").glob("*.yaml")):
-            if path.stem not in stages_per_preset and read_config(path)["fid"]["feature_net"]["kind"] == "inception":
-                fid_net = {"fid": {"feature_net": overlay["fid"]["feature_net"]}}
-                path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), fid_net), sort_keys=False))
+            fid = read_config(path)["fid"]
+            if path.stem not in stages_per_preset and fid["feature_net"]["kind"] == "inception":
+                same = {"fid": {"feature_net": overlay["fid"]["feature_net"], **({"dinov2": dinov2} if fid.get(
+                    "dinov2") else {})}}
+                path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), same), sort_keys=False))
         # the DVC files follow the presets: their URLs and checksums are in the commands
         run([sys.executable, "workflow/generate_dvc.py"], repo)
         run(["snakemake", "prefetch", "--configfile", "config/cifar10.yaml"], repo)
@@ -598,7 +601,7 @@ def test_the_toy_scaling_study_scores_every_point_fits_the_laws_and_reports_them
     read = report_reads(repo, "reports/audit", "config/toy-scaling.yaml", "small.yaml")
     assert {RunLayout(spec, "m").teacher} <= read <= declared, read - declared
     assert study.trained_models == ["xs", "s", "m", "xs-seed1", "s-seed1", "m-seed1", "s-batch16", "s-batch64"]
-    assert "--model s-batch32 " not in out.stderr and not (repo / "results/toy-scaling/sizes/s-batch32").exists()
+    assert "--model s-batch32 --data" not in out.stderr and not (repo / "results/toy-scaling/sizes/s-batch32").exists()
     for model in spec.scaling.models:
         for kimg in spec.scaling.budgets_of(model):
             assert (repo / study.scaling_point(model, f"{kimg:g}")).exists(), (model, kimg)

@@ -30,7 +30,6 @@ except ConfigError as exc:  # one line, before any job is planned (a traceback w
     sys.exit(2)
 
 
-
 def config_files(wildcards, input):
     """CONFIG_FILES, as a rule's `config` param. A param function that takes `input` counts as derived
     from the input files, and Snakemake's params rerun trigger skips those: so a changed list of files
