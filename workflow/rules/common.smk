@@ -219,3 +219,30 @@ def report_inputs(wildcards):
         "reference_check": [L.reference_check] if L.reference_check else [],
         "emas": [L.emas_fid] if L.emas_fid else [],
     }
+
+
+def tune_launcher(spec):
+    """One process per GPU on this node (torchrun); a single process without torchrun otherwise."""
+    gpus = spec.resources_of("tune").get("gpu", 0)
+    return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "ect.cli"] if gpus > 1 else ["ect"]
+
+
+def tune_outputs(layout, spec):
+    """A tuning run's outputs: the output EMA, its snapshots and log, and every EMA when it tracks several."""
+    return dict(
+        tuned=layout.tuned,
+        snapshots=directory(layout.snapshots),
+        train_log=layout.train_log,
+        **({"emas": directory(layout.emas)} if spec.tune.pf_ema_stds else {}),
+    )
+
+
+def emas_args(wildcards, output):
+    """` --emas DIR` for a run that tracks power-function EMAs: every EMA is published for scoring."""
+    return optional_args(["--emas", output.emas] if "emas" in output.keys() else [])
+
+
+def size_constraint():
+    """The sizes whose teacher this preset makes (not those another preset's run provides)."""
+    sizes = [s for s in SPEC.scaling.sizes if s not in L.reused] if SPEC.scaling else []
+    return {"size": "|".join(map(re.escape, sizes)) or "-"} if SPEC.scaling else {}

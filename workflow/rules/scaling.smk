@@ -148,7 +148,7 @@ for reused_size, reused_spec in L.reused.items():
             data=L.dataset,
             teacher=reused.teacher,
         output:
-            **tune_outputs(reused),
+            **tune_outputs(reused, reused_spec),
         log:
             reused.model_log("tune"),
         benchmark:

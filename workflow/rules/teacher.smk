@@ -9,11 +9,6 @@ PRETRAIN_SHELL = (
 CONVERT_SHELL = "exec ect convert-edm {input:q} {output:q}{params.checksums} > {log:q} 2>&1"
 
 
-def size_constraint():
-    sizes = [s for s in SPEC.scaling.sizes if s not in L.reused] if SPEC.scaling else []
-    return {"size": "|".join(map(re.escape, sizes)) or "-"} if SPEC.scaling else {}
-
-
 if SPEC.teacher.source == "pretrain":
 
     rule pretrain:

@@ -7,34 +7,13 @@ TUNE_SHELL = (
 )
 
 
-def tune_launcher(spec):
-    """One process per GPU on this node (torchrun); a single process without torchrun otherwise."""
-    gpus = spec.resources_of("tune").get("gpu", 0)
-    return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "ect.cli"] if gpus > 1 else ["ect"]
-
-
-def tune_outputs(layout):
-    """A tuning run's outputs: the output EMA, its snapshots and log, and every EMA when it tracks several."""
-    return dict(
-        tuned=layout.tuned,
-        snapshots=directory(layout.snapshots),
-        train_log=layout.train_log,
-        **({"emas": directory(layout.emas)} if SPEC.tune.pf_ema_stds else {}),
-    )
-
-
-def emas_args(wildcards, output):
-    """` --emas DIR` for a run that tracks power-function EMAs: every EMA is published for scoring."""
-    return optional_args(["--emas", output.emas] if "emas" in output.keys() else [])
-
-
 rule tune:
     """ECT: tune the teacher into a consistency model; EMA snapshots for the FID curve."""
     input:
         data=L.dataset,
         teacher=lambda wildcards: RunLayout(SPEC, wildcards.get("model", "{model}")).teacher,
     output:
-        **tune_outputs(L),
+        **tune_outputs(L, SPEC),
     log:
         L.model_log("tune"),
     benchmark:
