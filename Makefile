@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: venv demo test test-fast lint dvc docs bench device-wheels
+.PHONY: venv demo test test-fast test-cluster lint dvc docs bench device-wheels
 venv: $(VENV)/.installed
 
 # The venv is rebuilt when pyproject.toml changes; torch 2.14.1 is pinned there.
@@ -23,6 +23,12 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# The multi-node test alone: a real SLURM with a two-node partition (root: packages, network namespaces), the
+# toy's tune job over both nodes, requeued once; the cluster is stopped afterwards whatever the outcome.
+test-cluster: venv
+	.ci/slurm.sh start
+	ECT_REQUIRE_SLURM=1 $(PY) -m pytest -q tests/test_slurm.py -k two_nodes; status=$$?; .ci/slurm.sh stop; exit $$status
 
 # ruff (pyflakes, import order, bugbear, pyupgrade), snakefmt, and Snakemake's linter on every preset.
 lint: venv

@@ -402,6 +402,9 @@ def run_scaling_fit(args) -> int:
     result = fit_file(args.points, steps=args.steps, size=args.size, use_frontier=args.frontier, axis=args.axis,
                       design=args.design, budget_kimg=args.budget_kimg)
     write_json_atomic(args.out, result)
+    if result.get("fitted") is False:
+        say(f"no law: {result['reason']} (recorded in {args.out}; the report says so)")
+        return 0
     x = "params" if args.axis == "size" else "compute"
     interval = "{:.4f}..{:.4f}".format(*result["exponent_ci95"]) if result["exponent_ci95"] else "none"
     say(f"fid = {result['coefficient']:.4g} * {x}^-{result['exponent']:.4f} (95% interval {interval}, "

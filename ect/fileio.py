@@ -203,6 +203,43 @@ def _check_npz_members(path, max_bytes: int | None) -> None:
                                  f"{info.file_size:,}")
 
 
+def map_npz_member(path, name: str):
+    """A read-only memory map of one array of an uncompressed .npz (``np.savez``), or None when that member is
+    compressed. Every process that maps the same file shares the page cache's one copy, where ``np.load`` gives
+    each its own. Raises ValueError for a member that is missing, not a plain C-order array, or larger than
+    what the file holds."""
+    import struct
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")  # KeyError: missing
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local header: its own name and extra-field lengths place the data
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError(f"member {name!r}: no local header at offset {info.header_offset}")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(f, max_header_size=1 << 16)
+        offset = f.tell()
+        file_size = os.fstat(f.fileno()).st_size
+    if fortran_order or dtype.hasobject:
+        raise ValueError(f"member {name!r} is not a plain C-order array")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if offset - start + declared > info.file_size or start + info.file_size > file_size:
+        raise ValueError(f"member {name!r} declares {declared:,} bytes but holds {info.file_size - (offset - start):,}")
+    if declared == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)  # copy-on-write: never written
+
+
 @contextlib.contextmanager
 def open_npz(path, what: str, error=BadInput, max_bytes: int | None = None):
     """``np.load`` of an untrusted .npz (no pickles), its members checked first (:func:`_check_npz_members`);
@@ -293,8 +330,11 @@ def read_json(path, what: str, checks: dict | None = None, max_bytes: int = 64 <
         value = json.loads(path.read_text(), parse_constant=no_constants)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BadInput(f"cannot read {what} {path}: {str(exc)[:200]}") from None
-    if checks is None:
-        return value
+    return value if checks is None else check_fields(value, checks, what, path)
+
+
+def check_fields(value, checks: dict, what: str, path):
+    """``value`` if it is a JSON object whose ``checks`` (key -> predicate) hold, else one error naming the key."""
     if type(value) is not dict:
         raise BadInput(f"{what} {path} is not a JSON object")
     for key, check in checks.items():

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ect.errors import BadInput
-from ect.fileio import is_number, read_json
+from ect.fileio import check_fields, is_number, read_json
 
 REQUIRED = ("compute", "fid")
 OPTIONAL = ("size", "steps", "set", "kimg", "run", "design", "params", "flops_per_iteration", "metric")
@@ -47,6 +47,11 @@ GOOD_HOLDOUT, GOOD_R2 = 0.10, 0.9  # what "the data support a law" means here (d
 
 class ScalingError(BadInput):
     pass
+
+
+class TooFewPoints(ScalingError):
+    """A frontier too short for a law (noise can leave two of many points on it): a fact about the data, written
+    into the fit's file and shown in the report rather than failing the study."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +272,11 @@ def fit(points: list[dict], use_frontier: bool = False, x_key: str = "compute", 
     if any(x_key not in p for p in points):
         raise ScalingError(f"a point has no {x_key}: the points table lacks that column")
     selected = frontier(points) if use_frontier else points
-    if len(selected) < 3:
-        raise ScalingError(f"a power law needs at least 3 points of different {x_key}, got {len(selected)}")
+    if len(points) < 3:
+        raise ScalingError(f"a power law needs at least 3 points of different {x_key}, got {len(points)}")
+    if len(selected) < 3:  # enough points, but a noisy frontier keeps fewer
+        raise TooFewPoints(f"the frontier keeps {len(selected)} of {len(points)} points (a power law needs 3): "
+                           "the metric does not fall steadily with compute")
     x = np.array([p[x_key] for p in selected], dtype=np.float64)
     y = np.array([point_value(p) for p in selected])
     try:
@@ -347,16 +355,22 @@ def fit_file(path, steps: str | None = None, size: str | None = None, use_fronti
         rows = [r for r in rows if r.get("design", "prefix") == design]
     if axis == "size":
         budget_kimg = _budget_of(rows, budget_kimg, path)
-    result = None
+    result, not_fitted = None, {}
     for metric in METRICS:
         chosen = [r for r in rows if r.get("metric", "fid") == metric]
         if not chosen and metric != "fid":
             continue
-        fitted = (_fit_sizes(chosen, budget_kimg, path) if axis == "size" else
-                  fit(points_of(chosen), use_frontier=use_frontier))
+        try:
+            fitted = (_fit_sizes(chosen, budget_kimg, path) if axis == "size" else
+                      fit(points_of(chosen), use_frontier=use_frontier))
+        except TooFewPoints as exc:
+            not_fitted[metric] = str(exc)
+            continue
         result = fitted if result is None else {**result, metric: fitted}
-    return {**result, "source": str(Path(path)), "steps": steps, "size": size, "design": design, "axis": axis,
-            "budget_kimg": budget_kimg}
+    if result is None:  # FID itself: the file says why there is no law
+        result = {"fitted": False, "reason": not_fitted.pop(METRICS[0])}
+    return {**result, "not_fitted": not_fitted, "source": str(Path(path)), "steps": steps, "size": size,
+            "design": design, "axis": axis, "budget_kimg": budget_kimg}
 
 
 def _budget_of(rows: list[dict], budget_kimg: float | None, path) -> float:
@@ -394,6 +408,11 @@ FIT = {"coefficient": is_number, "exponent": is_number, "r2": is_number, "n_poin
                                                    and is_number(p.get("fid")) for p in v)}
 
 
+NOT_FITTED = {"fitted": lambda v: v is False, "reason": lambda v: type(v) is str}
+
+
 def read_fit(path) -> dict:
-    """A fit `ect scaling-fit` wrote, checked."""
-    return read_json(path, "scaling fit", FIT)
+    """A fit `ect scaling-fit` wrote, checked: a law, or why there is none (``fitted`` false)."""
+    data = read_json(path, "scaling fit")
+    fitted = type(data) is not dict or data.get("fitted") is not False
+    return check_fields(data, FIT if fitted else NOT_FITTED, "scaling fit", path)

@@ -499,8 +499,12 @@ class Resources:
     runtime: int | None = setting(None, "minutes", ge=1)
     mem_mb: int | None = setting(None, "memory in MB", ge=1)
     threads: int | None = setting(None, "CPU cores (cpus_per_task) and torch threads", ge=1)
-    gpu: int | None = setting(None, "GPUs", ge=0)
+    gpu: int | None = setting(None, "GPUs (on each node)", ge=0)
+    nodes: int | None = setting(None, "nodes (tune only: one launcher a node, torchrun over all of them)", ge=1,
+                                le=4096)
     gpu_model: str | None = setting(None, "a GPU model the cluster knows", pattern=r"[A-Za-z0-9_.-]{1,40}")
+    partition: str | None = setting(None, "the SLURM partition (sbatch -p); unset: the cluster's default partition",
+                                    pattern=r"[A-Za-z0-9_.-]{1,64}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,6 +538,11 @@ class RunSpec:
         merged = {**plain(self.resources["default"]), **{k: v for k, v in plain(self.resources.get(
             rule, Resources())).items() if v is not None}}
         return {k: v for k, v in merged.items() if v is not None}
+
+    def processes_of(self, rule: str) -> int:
+        """How many training processes a rule's job runs: one a GPU (one a node without GPUs), on every node."""
+        res = self.resources_of(rule)
+        return max(1, res.get("gpu", 0)) * res.get("nodes", 1)
 
 
 
@@ -576,6 +585,9 @@ def run_problems(spec: RunSpec):
     for key in ("runtime", "mem_mb", "threads"):
         if getattr(spec.resources["default"], key) is None:
             yield f"resources.default: '{key}' is a required property"
+    for rule, res in spec.resources.items():
+        if rule != "tune" and (res.nodes or 1) > 1:
+            yield f"resources.{rule}.nodes: {res.nodes}: only tune runs over several nodes"
     for section in ("pretrain", "tune"):
         if getattr(spec, section) is not None:
             yield from _batch_problems(spec, section)
@@ -628,11 +640,17 @@ def _claim_problems(spec: RunSpec):
         yield f"report.paper.budget.set: {paper.budget.set} is not among the steps of the FID curve (fid.curve_steps)"
 
 
+def _processes(spec: RunSpec, section: str) -> str:
+    res = spec.resources_of(section)
+    gpus = f"resources.{section}.gpu = {max(1, res.get('gpu', 0))} GPUs"
+    return f"{gpus} on each of resources.{section}.nodes = {res['nodes']} nodes" if res.get("nodes", 1) > 1 else gpus
+
+
 def _batch_problems(spec: RunSpec, section: str):
     train = getattr(spec, section)
-    gpus = max(1, spec.resources_of(section).get("gpu", 0))
+    gpus = spec.processes_of(section)
     if train.batch % gpus:
-        yield f"{section}.batch {train.batch} does not split evenly over resources.{section}.gpu = {gpus} GPUs"
+        yield f"{section}.batch {train.batch} does not split evenly over {_processes(spec, section)}"
     runs = [(size, None) for size in spec.scaling.sizes] if spec.scaling else [(None, None)]
     if spec.scaling and section == "tune":
         runs += [(None, model) for model, run in spec.scaling.models.items() if run.batch]
@@ -640,11 +658,11 @@ def _batch_problems(spec: RunSpec, section: str):
         options = training_options(spec, section, size, model)
         micro, batch = options.batch_gpu, options.batch
         if batch % gpus:
-            yield f"scaling.batches.batch {batch} does not split evenly over resources.{section}.gpu = {gpus} GPUs"
+            yield f"scaling.batches.batch {batch} does not split evenly over {_processes(spec, section)}"
         elif micro and (batch // gpus) % micro:
             where = f"scaling.tune.{size}.batch_gpu" if size and micro != train.batch_gpu else f"{section}.batch_gpu"
-            yield (f"{where} {micro} does not divide the per-GPU batch {batch // gpus} "
-                   f"({section}.batch {batch} over {gpus} GPUs{f', run {model}' if model else ''})")
+            yield (f"{where} {micro} does not divide the per-process batch {batch // gpus} "
+                   f"({section}.batch {batch} over {gpus} processes{f', run {model}' if model else ''})")
 
 
 def _network_problems(spec: RunSpec):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ect.checkpoint import load_state_by_name, read_checkpoint, save_checkpoint
 from ect.cost import device_info, iteration_flops, peak_tflops, precision_of
-from ect.data import load_dataset
+from ect.data import map_dataset
 from ect.errors import BadInput
 from ect.fileio import (
     atomic_path,
@@ -330,8 +330,9 @@ def training_loop(cfg: Training, d: Dist, stop: StopFlag, paths: TrainPaths, pro
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     torch.backends.cudnn.benchmark = True
 
-    # Data: the whole uint8 dataset in memory (as the reference caches it); batches are gathered by index.
-    images, labels = load_dataset(paths.data)
+    # Data: the uint8 dataset mapped from its file (one copy a node in the page cache, however many processes;
+    # the reference loads it into each); batches are gathered by index.
+    images, labels = map_dataset(paths.data)
     images = torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW uint8
 
     # Networks: the student (from the teacher's weights, or from scratch), its EMAs, the optimiser.

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ect.data import DatasetError, content_hash, load_dataset, save_dataset
+from ect.data import DatasetError, content_hash, load_dataset, map_dataset, save_dataset
 from ect.data.digits import digits_images
 
 
@@ -34,3 +34,30 @@ def test_dataset_errors(tmp_path):
         load_dataset(tmp_path / "z.npz")
     with pytest.raises(ValueError, match="multiple of 8"):
         digits_images(12)
+
+
+def test_training_maps_the_images_shares_them_and_refuses_a_file_that_lies(tmp_path):
+    """Training maps the images (every process on a node shares the page cache's copy) and checks structure,
+    not the hash, at start; a dataset written compressed is read whole and verified instead."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 50)
+    path = tmp_path / "d.npz"
+    save_dataset(path, images, labels)
+    mapped, mapped_labels = map_dataset(path)
+    assert isinstance(mapped, np.memmap) and str(mapped.filename) == str(path.resolve())
+    np.testing.assert_array_equal(mapped, images)
+    np.testing.assert_array_equal(mapped_labels, labels)
+
+    blob = path.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])  # a torn copy
+    with pytest.raises(DatasetError, match="cannot read dataset"):
+        map_dataset(tmp_path / "cut.npz")
+    header = blob.index(b"(50, 8, 8, 3)")  # the images' header claims more images than the member holds
+    (tmp_path / "lies.npz").write_bytes(blob[:header] + b"(99, 8, 8, 3)" + blob[header + 13:])
+    with pytest.raises(DatasetError, match="declares"):
+        map_dataset(tmp_path / "lies.npz")
+    np.savez_compressed(tmp_path / "packed.npz", images=images, labels=labels,
+                        content_sha256=np.array(content_hash(images, labels)))
+    packed, _ = map_dataset(tmp_path / "packed.npz")
+    assert not isinstance(packed, np.memmap)
+    np.testing.assert_array_equal(packed, images)

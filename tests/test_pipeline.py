@@ -140,6 +140,14 @@ def test_the_report_opens_only_the_files_it_declares(toy_run, tmp_path):
     assert read and read <= declared, read - declared
 
 
+@pytest.fixture
+def plain_report_after(toy_run):
+    """Overlays change the report's settings: the shared toy run gets its own report back afterwards, so later
+    tests see a run that is up to date."""
+    yield
+    run(["snakemake"], toy_run[0])
+
+
 def report_with_paper(repo, tmp_path, paper: dict) -> list[dict]:
     """The toy's report with paper numbers given by an overlay: the verdicts of claims.json."""
     path = tmp_path / "paper.yaml"
@@ -148,7 +156,8 @@ def report_with_paper(repo, tmp_path, paper: dict) -> list[dict]:
     return json.loads((repo / TOY.claims).read_text())
 
 
-def test_paper_numbers_given_by_an_overlay_are_reproduced_short_or_inconsistent_where_they_belong(toy_run, tmp_path):
+def test_paper_numbers_given_by_an_overlay_are_reproduced_short_or_inconsistent_where_they_belong(toy_run, tmp_path,
+                                                                                               plain_report_after):
     repo, _, _ = toy_run
     ours = fid(repo, "ect-2step")
     for factor, state in ((1.02, "reproduced"), (0.5, "short"), (1.5, "inconsistent")):
@@ -164,7 +173,8 @@ def test_paper_numbers_given_by_an_overlay_are_reproduced_short_or_inconsistent_
     assert minimum[0]["verdict"] == "reproduced" and minimum[0]["statistic"].startswith("minimum")
 
 
-def test_a_number_at_an_earlier_budget_and_a_compute_budget_are_judged_from_the_snapshots(toy_run, tmp_path):
+def test_a_number_at_an_earlier_budget_and_a_compute_budget_are_judged_from_the_snapshots(toy_run, tmp_path,
+                                                                                         plain_report_after):
     """A number published at 8 kimg is that snapshot's, scored with the full protocol; a compute-budget claim with
     a stand-in budget: reached inside it, not within it, and on another device."""
     repo, _, _ = toy_run
@@ -247,7 +257,7 @@ def test_forcerun_reruns_the_rule_and_its_dependents_only(toy_run):
     run(["snakemake", "--forcerun", "fid"], repo)
     after = _mtimes(repo)
     changed = {k for k in before if after.get(k) != before[k]}
-    assert changed == {TOY.fid(s) for s in SETS}
+    assert changed == {TOY.fid(s) for s in SETS} | {TOY.claims}  # the fid jobs and the report's verdicts
     assert "Nothing to be done" in run(["snakemake", "-n"], repo).stdout
 
 
@@ -505,10 +515,33 @@ def test_tune_runs_one_process_per_requested_gpu_under_torchrun(tmp_path):
     overlay.write_text(yaml.safe_dump({"resources": {"tune": {"gpu": 4, "gpu_model": "a100"}}}))
     out = run(["snakemake", "-n", "-p", "--configfile", "config/config.yaml", str(overlay)], ROOT).stdout
     tune = next(line for line in out.splitlines() if line.startswith("Shell command:") and " tune --config" in line)
-    assert tune.startswith("Shell command: exec torchrun --standalone --nproc_per_node=4 -m ect.cli tune --config")
+    assert tune.startswith("Shell command: exec torchrun --standalone --nproc_per_node=4 "
+                           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m ect.cli tune --config")
     assert "gpu=4" in out and "gpu_model=a100" in out
     default = run(["snakemake", "-n", "-p"], ROOT).stdout
     assert "Shell command: exec ect tune --config config/config.yaml" in default
+
+
+def test_tune_over_several_nodes_is_one_job_that_starts_one_launcher_a_node(tmp_path):
+    """resources.tune.nodes: one SLURM job over the nodes (a GRES of GPUs on each), whose rule runs srun with one
+    launcher a node; the dry run counts every node's GPUs. Only tune may span nodes."""
+    overlay = tmp_path / "nodes.yaml"
+    overlay.write_text(yaml.safe_dump({"tune": {"batch": 32}, "resources": {"tune": {"gpu": 4, "nodes": 2}}}))
+    out = run(["snakemake", "-n", "-p", "--configfile", "config/config.yaml", str(overlay)], ROOT).stdout
+    tune = next(line for line in out.splitlines() if line.startswith("Shell command:") and " tune --config" in line)
+    assert tune.startswith("Shell command: exec srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=2 --gres=gpu:4 "
+                           "--kill-on-bad-exit=1 python -m ect.launch --nproc-per-node=4 -- tune --config")
+    assert "nodes=2, tasks=2, mpi=srun, tasks_per_gpu=0, gres=gpu:4" in out
+    assert re.search(r"tune +1 job\(s\) x 8 GPU \(2 nodes\) x 15 min = +2\.0 GPU-h", out), out
+    uneven = tmp_path / "uneven.yaml"
+    uneven.write_text(yaml.safe_dump({"tune": {"batch": 36}, "resources": {"tune": {"gpu": 4, "nodes": 2}}}))
+    proc = run(["snakemake", "-n", "--configfile", "config/config.yaml", str(uneven)], ROOT, check=False)
+    assert proc.returncode != 0 and ("tune.batch 36 does not split evenly over resources.tune.gpu = 4 GPUs on each "
+                                     "of resources.tune.nodes = 2 nodes") in proc.stderr + proc.stdout
+    sample = tmp_path / "sample.yaml"
+    sample.write_text(yaml.safe_dump({"resources": {"sample": {"nodes": 2}}}))
+    proc = run(["snakemake", "-n", "--configfile", "config/config.yaml", str(sample)], ROOT, check=False)
+    assert proc.returncode != 0 and "resources.sample.nodes: 2: only tune runs over several nodes" in proc.stderr
 
 
 def test_the_report_replaces_only_a_directory_it_wrote(toy_run):

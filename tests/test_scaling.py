@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from ect.scaling import ScalingError, fit, fit_file, frontier, points_of, spreads
+from ect.errors import BadInput
+from ect.scaling import ScalingError, fit, fit_file, frontier, points_of, read_fit, spreads
 from tests.helpers import run_ect
 
 COLUMNS = ("compute", "fid", "size", "steps", "set", "run", "kimg", "design", "params", "flops_per_iteration",
@@ -215,3 +216,19 @@ def test_bad_points_are_one_line_errors_with_no_output(tmp_path, rows, columns, 
     assert not (tmp_path / "fit.json").exists()
     with pytest.raises(ScalingError, match=expected):
         fit_file(points)
+
+
+def test_a_frontier_too_short_for_a_law_is_recorded_and_reported_not_a_failure(tmp_path):
+    """Noise can leave two of many points on the frontier (each later point worse): that is a finding about the
+    data, so the fit's file says why there is no law and the step succeeds; too few points in the table is
+    still bad input (above)."""
+    rows = [{"compute": c, "fid": f, "set": 0} for c, f in ((1e12, 50.0), (2e12, 40.0), (4e12, 45.0), (8e12, 48.0))]
+    points = write_points(tmp_path / "p.csv", rows, ("compute", "fid", "set"))
+    proc = run_ect("scaling-fit", points, "--out", tmp_path / "fit.json", "--frontier")
+    assert proc.returncode == 0 and "no law: the frontier keeps 2 of 4 points" in proc.stderr
+    result = read_fit(tmp_path / "fit.json")
+    assert result["fitted"] is False and result["reason"].startswith("the frontier keeps 2 of 4 points")
+    assert fit_file(points)["n_points"] == 4  # all four points (no frontier) still make a law
+    (tmp_path / "bad.json").write_text(json.dumps({"fitted": False}))
+    with pytest.raises(BadInput, match="'reason' is missing"):
+        read_fit(tmp_path / "bad.json")

@@ -145,3 +145,61 @@ def test_dry_run_prints_the_gpu_hours_of_the_cifar10_preset(tmp_path):
     tune_hours = cfg["tune"]["gpu"] * cfg["tune"]["runtime"] / 60
     assert f"tune           1 job(s) x {cfg['tune']['gpu']} GPU x {cfg['tune']['runtime']} min = {tune_hours:8.1f} GPU-h" in out
     assert "total" in out and "GPU-h" in out
+
+
+def partition_up(name: str, nodes: int) -> bool:
+    out = subprocess.run(["sinfo", "-h", "-p", name, "-o", "%D %T"], capture_output=True, text=True)
+    return out.returncode == 0 and out.stdout.split() == [str(nodes), "idle"]
+
+
+def test_tune_over_two_nodes_spans_both_resumes_after_a_requeue_and_matches_one_process(tmp_path):
+    """`make test-cluster`: the toy's tune job over the two nodes of partition "two" (.ci/slurm.sh: each node its
+    own network namespace and hostname), requeued by SLURM once it has saved a state, against the same tuning in
+    one local process."""
+    if not partition_up("two", 2):
+        pytest.fail("partition 'two' (two idle nodes) is missing: start the cluster with .ci/slurm.sh start")
+    one_node = {"default": {"runtime": 10, "mem_mb": 1500}}
+    extra = {"run": "two-nodes", "tune": {**OVERLAY["tune"], "kimg": 1.6, "snapshot_kimg": 0.8},
+             "resources": {"default": {**one_node["default"], "partition": "two"}, "tune": {"nodes": 2, "runtime": 30}}}
+    target = "results/two-nodes/tuned.pt"
+    local = clone_repo(tmp_path / "local")
+    run(["snakemake", "--cores", "2", target, *write_overlay(local, {**extra, "resources": one_node})], local,
+        timeout=900)
+
+    repo = clone_repo(tmp_path / "cluster")
+    configs = write_overlay(repo, extra)
+    state = repo / "results/two-nodes/state/tune/state.pt"
+    requeued, done = [], threading.Event()
+
+    def requeue_tune_once_it_has_saved_state():
+        while not done.is_set() and not requeued:
+            for job in jobs_of(str(repo)):
+                if job["rule"] == "tune" and job["state"] == "RUNNING" and state.exists():
+                    subprocess.run(["scontrol", "requeue", job["id"]], check=True)
+                    requeued.append(job["id"])
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=requeue_tune_once_it_has_saved_state, daemon=True)
+    watcher.start()
+    proc = subprocess.run(["timeout", "-s", "INT", "-k", "30", "1200", "snakemake", target, "--profile", "slurm",
+                           *configs], cwd=repo, env=env(), capture_output=True, text=True)
+    done.set()
+    watcher.join(timeout=30)
+    log = (repo / "results/two-nodes/logs/tune.log").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:] + log[-3000:]
+    assert requeued, "the tune job was never seen running with a saved state"
+
+    # one job, requeued once, whose launchers ran on both hosts and resumed from the state
+    detail = subprocess.run(["scontrol", "show", "job", requeued[0]], capture_output=True, text=True).stdout
+    assert "Restarts=1" in detail and "NumNodes=2" in detail and "NodeList=node[1-2]" in detail, detail
+    assert "ect.launch: node 0 on node1:" in log and "ect.launch: node 1 on node2:" in log, log[-3000:]
+    assert "resuming from" in log
+
+    # the same weights as one process (DDP sums gradients in another order: measured max |diff| ~1e-7)
+    one = torch.load(local / target, weights_only=True)["state_dict"]
+    two = torch.load(repo / target, weights_only=True)["state_dict"]
+    assert set(one) == set(two)
+    worst = max((one[k].double() - two[k].double()).abs().max().item() for k in one)
+    print(f"two nodes against one process: max |diff| {worst:.3g}")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)

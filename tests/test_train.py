@@ -155,6 +155,24 @@ def test_resume_refuses_a_different_config(setup):
     assert proc.returncode == 2 and "different configuration" in proc.stderr
 
 
+def two_nodes(tmp, ect_args, env):
+    """What srun starts in a two-node tune job: one launcher (ect/launch.py) a node, here both on this machine,
+    meeting at a c10d rendezvous on the step's first node as SLURM names it (scontrol: a stand-in here)."""
+    bin_dir = tmp / "slurm-bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho localhost\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    job = str(random.randrange(10**6))
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "ect.launch", "--nproc-per-node", "1", "--", *map(str, ect_args)],
+        env={**env, "PATH": f"{bin_dir}:{env['PATH']}", "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_ID": job,
+             "SLURM_STEP_NODELIST": "localhost,localhost", "SLURM_NODEID": str(node)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], logs
+    assert all(f"--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:" in log for log in logs)
+
+
 def test_ddp_two_processes_match_one_process_and_accumulation(setup):
     tmp, data, teacher = setup
     config = write_config(tmp / "c.yaml", tune={"kimg": 0.16})
@@ -166,8 +184,9 @@ def test_ddp_two_processes_match_one_process_and_accumulation(setup):
            *map(str, tune_args(tmp, data, teacher, config, "two"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    two_nodes(tmp, tune_args(tmp, data, teacher, config, "nodes"), env)
     one = read_checkpoint(tmp / "one.pt")["state_dict"]
-    for name in ("two", "acc"):
+    for name in ("two", "acc", "nodes"):
         other = read_checkpoint(tmp / f"{name}.pt")["state_dict"]
         for k in one:
             torch.testing.assert_close(other[k], one[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")

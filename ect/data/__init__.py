@@ -1,7 +1,9 @@
-"""Our uniform on-disk dataset: one ``.npz`` with ``images`` (uint8 NHWC) and ``labels`` (int64).
+"""Our uniform on-disk dataset: one uncompressed ``.npz`` with ``images`` (uint8 NHWC) and ``labels`` (int64).
 
 Its identity is a content hash of the decoded pixels and labels, independent of archive
-timestamps or compression, so the same images always give the same hash.
+timestamps or compression, so the same images always give the same hash. It is computed when the
+dataset is written and recorded in it; training maps the images rather than reading them (every
+process on a node shares one copy) and checks the file's structure, not the hash, at each start.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import hashlib
 import numpy as np
 
 from ect.errors import BadInput
-from ect.fileio import atomic_path, open_npz
+from ect.fileio import atomic_path, map_npz_member, open_npz
 
 
 class DatasetError(BadInput):
@@ -58,6 +60,25 @@ def load_dataset(path, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     check_dataset(images, labels, f"dataset {path}")
     if verify and content_hash(images, labels) != digest:
         raise DatasetError(f"dataset {path} does not match its recorded content hash (corrupt?)")
+    return images, labels
+
+
+def map_dataset(path) -> tuple[np.ndarray, np.ndarray]:
+    """The images as a read-only memory map and the labels, for training: the headers, shapes and sizes are
+    checked and the recorded hash must be there, but the pixels are not re-hashed (15.7 GB for ImageNet-64,
+    at every start of every process); ``ect prepare-data`` hashed them when it wrote the file. A dataset
+    written compressed (not by us) is read whole and verified instead."""
+    with open_npz(path, "dataset", DatasetError) as f:
+        labels, digest = f["labels"], f["content_sha256"]
+    try:
+        images = map_npz_member(path, "images")
+    except (OSError, KeyError, ValueError, EOFError, SyntaxError) as exc:
+        raise DatasetError(f"cannot read dataset {path}: {(str(exc).splitlines() or [''])[0][:200]}") from None
+    if images is None:
+        return load_dataset(path)
+    if digest.shape != () or len(str(digest)) != 64:
+        raise DatasetError(f"dataset {path} records no content hash; rerun `ect prepare-data`")
+    check_dataset(images, labels, f"dataset {path}")
     return images, labels
 
 

@@ -186,8 +186,12 @@ def collect_scaling(spec, config_files: list[str]) -> dict:
     """Everything a scaling study's report shows, from its points and fits."""
     layout = RunLayout(spec)
     steps = [str(n) for n in spec.fid.curve_steps]
-    fits = [{**read_fit(layout.scaling_fit(name)), "name": name, "kind": _fit_kind(name, spec)}
-            for name in layout.scaling_fits(spec.fid.curve_steps)]
+    every_fit = [{**read_fit(layout.scaling_fit(name)), "name": name, "kind": _fit_kind(name, spec)}
+                 for name in layout.scaling_fits(spec.fid.curve_steps)]
+    fits = [f for f in every_fit if f.get("fitted") is not False]
+    not_fitted = [{"kind": f["kind"], "steps": f["steps"], "metric": metric, "reason": reason}
+                  for f in every_fit for metric, reason in
+                  ({"fid": f["reason"]} if f.get("fitted") is False else f.get("not_fitted", {})).items()]
     teachers = []
     for size, arch in spec.scaling.sizes.items():
         meta = read_checkpoint(RunLayout(spec, size).teacher)["meta"]
@@ -195,6 +199,7 @@ def collect_scaling(spec, config_files: list[str]) -> dict:
     statement = spec.report.paper.statement if spec.report.paper else None
     points = scaling_points(layout, spec)
     return {**page_header(spec), "claims": scaling_claims(spec, points), "steps": steps, "fits": fits,
+            "not_fitted": not_fitted,
             "metrics": [m for m in METRICS if m == METRICS[0] or any(m in f for f in fits)],
             "frontier": [f for f in fits if f["frontier"]], "points": points,
             "teachers": teachers, "sets": spec.scaling.sets, "samples": spec.scaling.samples,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ect.config import merge, read_config, read_yaml
 from ect.download import RECORD_FILE
+from ect.launch import FORWARDED_SIGNALS
 from ect.layout import SAMPLE_SETS, RunLayout
 from ect.spec import RULES, build_spec, step_values
 from ect.typed import ConfigError
@@ -70,9 +71,19 @@ def resources_of(rule_name, spec=None):
     gpu key when it asks for none."""
     res = (spec or SPEC).resources_of(rule_name)
     res.pop("threads")
+    if "partition" in res:  # the SLURM plugin's name; it passes the cluster's default partition otherwise
+        res["slurm_partition"] = res.pop("partition")
     if not res.get("gpu"):
         res.pop("gpu", None)
         res.pop("gpu_model", None)
+    if res.get("nodes", 1) > 1:
+        # One task a node, started by the rule's own srun (the plugin's `mpi` mode runs the rule in the batch
+        # script, not inside a one-task step); GPUs per node as a GRES (`gpu` would be the job's total), and
+        # no --ntasks-per-gpu (the plugin derives it from `tasks` unless told 0).
+        gpus, model = res.pop("gpu", 0), res.pop("gpu_model", None)
+        res.update(tasks=res["nodes"], mpi="srun", tasks_per_gpu=0)
+        if gpus:
+            res["gres"] = f"gpu:{model}:{gpus}" if model else f"gpu:{gpus}"
     return res
 
 
@@ -124,15 +135,18 @@ def checkpoint_of(wildcards):
 
 
 def gpu_hours():
-    """Requested GPU-hours of each GPU rule = jobs x GPUs x runtime limit (an upper bound, for planning)."""
+    """Requested GPU-hours of each GPU rule = jobs x GPUs (on all its nodes) x runtime limit (an upper bound, for
+    planning)."""
     jobs = {}
     for rule_name, _ in L.jobs():  # every job of the run (ect/layout.py), counted by the rule whose resources it takes
         jobs[rule_name] = jobs.get(rule_name, 0) + 1
     rows = []
     for rule_name, n in jobs.items():
-        res = resources_of(rule_name)
+        res = SPEC.resources_of(rule_name)
         if res.get("gpu"):
-            rows.append((rule_name, n, res["gpu"], res["runtime"], n * res["gpu"] * res["runtime"] / 60))
+            nodes = res.get("nodes", 1)
+            gpus = res["gpu"] * nodes
+            rows.append((rule_name, n, nodes, gpus, res["runtime"], n * gpus * res["runtime"] / 60))
     return rows
 
 
@@ -147,8 +161,9 @@ if _is_dry_run(sys.argv[1:]):
     _rows = gpu_hours()
     if _rows:
         print(f"Requested GPU-hours for run '{L.run}' (jobs x GPUs x runtime limit):")
-        for name, n, gpus, minutes, hours in _rows:
-            print(f"  {name:<14} {n} job(s) x {gpus} GPU x {minutes} min = {hours:8.1f} GPU-h")
+        for name, n, nodes, gpus, minutes, hours in _rows:
+            spread = f" ({nodes} nodes)" if nodes > 1 else ""
+            print(f"  {name:<14} {n} job(s) x {gpus} GPU{spread} x {minutes} min = {hours:8.1f} GPU-h")
         print(f"  {'total':<14} {sum(r[-1] for r in _rows):.1f} GPU-h")
 
 
@@ -222,9 +237,18 @@ def report_inputs(wildcards):
 
 
 def tune_launcher(spec):
-    """One process per GPU on this node (torchrun); a single process without torchrun otherwise."""
-    gpus = spec.resources_of("tune").get("gpu", 0)
-    return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "ect.cli"] if gpus > 1 else ["ect"]
+    """Over several nodes: srun starts one launcher a node (ect/launch.py: torchrun, c10d rendezvous on the first
+    node). On one node: one process per GPU (torchrun); a single process without torchrun otherwise."""
+    res = spec.resources_of("tune")
+    gpus, nodes = res.get("gpu", 0), res.get("nodes", 1)
+    if nodes > 1:
+        per_node = [f"--gres=gpu:{gpus}"] if gpus else []
+        return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={res['threads']}", *per_node,
+                "--kill-on-bad-exit=1", "python", "-m", "ect.launch", f"--nproc-per-node={max(1, gpus)}", "--"]
+    if gpus > 1:
+        return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", f"--signals-to-handle={FORWARDED_SIGNALS}",
+                "-m", "ect.cli"]
+    return ["ect"]
 
 
 def tune_outputs(layout, spec):
