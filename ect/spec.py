@@ -179,6 +179,7 @@ class Training:
     bf16: bool = setting(False, "bfloat16 autocast")
     tf32: bool = setting(False, "TF32 matrix products and convolutions on CUDA")
     channels_last: bool = setting(False, "channels-last memory format")
+    compile: bool = setting(False, "torch.compile the student's training passes (compiled once per process, at start)")
     grad_posinf: float = setting(1e5, "what an infinite gradient becomes (NaN becomes 0): 1e5 (EDM/ECT CIFAR-10) "
                                       "or 0 (ECT ImageNet)", ge=0)
     pf_ema_stds: tuple[float, ...] = setting((), "relative standard deviations of EDM2's power-function EMAs "

@@ -356,10 +356,7 @@ def training_loop(cfg: Training, d: Dist, stop: StopFlag, paths: TrainPaths, pro
     d.barrier()
 
     # Train: one iteration per global batch until the budget is spent; log, snapshot and save on the way.
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = torch.nn.parallel.DistributedDataParallel(nets.student) if d.world > 1 else nets.student
-    step = TrainStep(cfg, d, model, nets.student, nets.ema, nets.pf_emas, optimizer, images, labels, per_rank, micro,
-                     memory_format, torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16))
+    step = TrainStep.of(cfg, d, nets.student, nets.ema, nets.pf_emas, optimizer, images, labels, per_rank, micro)
     writer = Publisher(cfg, d, state, nets, cost, paths)
     run_iterations(cfg, d, stop, state, step, writer, progress)
 
@@ -554,6 +551,17 @@ class TrainStep:
     micro: int
     memory_format: torch.memory_format
     autocast: object
+
+    @classmethod
+    def of(cls, cfg: Training, d: Dist, student, ema, pf_emas, optimizer, images, labels, per_rank: int,
+           micro: int) -> TrainStep:
+        """The step with the throughput options of ``cfg``: DDP over several processes, torch.compile of the
+        student's passes (the states hold the plain network), channels-last batches, bfloat16 autocast."""
+        model = torch.nn.parallel.DistributedDataParallel(student) if d.world > 1 else student
+        model = torch.compile(model) if cfg.compile else model
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        return cls(cfg, d, model, student, ema, pf_emas, optimizer, images, labels, per_rank, micro, memory_format,
+                   torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16))
 
     def __call__(self, iteration: int) -> float:
         cfg, d = self.cfg, self.d

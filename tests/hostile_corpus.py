@@ -238,7 +238,7 @@ def published_statistics_of_the_wrong_shape(d: Path):
 
 
 def scaling_point_garbage(d: Path):
-    (d / "p.json").write_text(json.dumps({"size": "s", "kimg": 1, "flops": "NaN", "sets": 1, "samples": 2}))
+    (d / "p.json").write_text(json.dumps({"size": "s", "model": "s", "design": "prefix", "kimg": 1, "flops": "NaN", "sets": 1, "samples": 2}))
     return ["scaling-points", "out.csv", "p.json"], "'flops' is missing or malformed"
 
 

@@ -44,3 +44,25 @@ def test_the_scaling_fit_benchmark_runs_beside_the_first_version():
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("faster") == 2 and proc.stdout.count("2,000 rows: ours") == 2
+
+
+def test_the_throughput_options_benchmark_times_each_option_and_holds_its_losses_to_the_default():
+    """bf16, channels_last and compile (torch.compile, here on a CPU) against float32 eager: each option's step
+    time as a ratio, and its losses over the first iterations within the stated tolerance of the default's."""
+    proc = subprocess.run([sys.executable, "benchmarks/throughput_options.py", "--iterations", "6", "--steps", "1",
+                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    options = json.loads(proc.stdout)["options"]
+    assert set(options) == {"default", "bf16", "channels_last", "compile"}
+    assert options["default"]["loss_rel_diff_max"] == 0 and options["default"]["step_time_over_default"] == 1
+    for name in ("bf16", "channels_last", "compile"):
+        assert options[name]["within_tolerance"], (name, options[name])
+        assert options[name]["step_s"] > 0
+
+
+def test_the_dataset_memory_benchmark_measures_both_ways_on_two_processes():
+    proc = subprocess.run([sys.executable, "benchmarks/dataset_memory.py", "--images", "3000"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "copy per process (baseline)" in proc.stdout and "mapped (ours)" in proc.stdout
+    assert "node total: ours / baseline = " in proc.stdout

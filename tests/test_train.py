@@ -127,7 +127,7 @@ def test_sigterm_saves_state_exits_75_and_resumes_even_with_other_save_and_log_i
 
 def test_diverging_loss_stops_and_keeps_last_good_state(setup):
     tmp, data, teacher = setup
-    config = write_config(tmp / "c.yaml", tune={"lr": 1e30, "optimizer": "adam", "state_kimg": 0.008})
+    config = write_config(tmp / "c.yaml", tune={"lr": 1e15, "optimizer": "adam", "state_kimg": 0.008})
     proc = run_ect(*tune_args(tmp, data, teacher, config, "nan"), check=False)
     assert proc.returncode == 1
     assert "became" in proc.stderr and "last good state" in proc.stderr
