@@ -1,11 +1,12 @@
 """Peak memory of a 2-process tune on a large dataset: the mapped dataset (ours) beside each process loading
 its own copy (the code before, ``--baseline-commit``), in one command, as a ratio.
 
-    python benchmarks/dataset_memory.py [--images 120000] [--baseline-commit 69293e3]
+    python benchmarks/dataset_memory.py [--images 600000] [--baseline-commit 69293e3]
 
-A synthetic dataset of ``--images`` 32x32 RGB images (uint8; 120,000 make 369 MB) is written the way
+A synthetic dataset of ``--images`` 16x16 RGB images (uint8; 600,000 make 461 MB) is written the way
 `ect prepare-data` writes one, a tiny teacher is pretrained for one iteration, and `ect tune` runs for 10
-iterations under `torchrun --standalone --nproc_per_node=2`, once with this tree's code and once with the
+iterations at batch 8 (small, so that the dataset and not the activations dominates what a process holds)
+under `torchrun --standalone --nproc_per_node=2`, once with this tree's code and once with the
 baseline's (`git archive` of ``--baseline-commit`` first on PYTHONPATH). Every 50 ms the script reads
 each training process's resident memory from /proc: anonymous (its own heap: a loaded dataset lives
 there) and file-backed (mapped pages, shared by every process that maps the same file). Reports the
@@ -64,7 +65,8 @@ def run_tune(tmp: Path, name: str, pythonpath: str, data: Path, teacher: Path, c
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ect.cli",
            "tune", "--config", str(config), "--data", str(data), "--teacher", str(teacher), "--state-dir",
            str(tmp / f"{name}-state"), "--out", str(tmp / f"{name}.pt"), "--threads", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # cwd: not the repository, which `python -m` would put before PYTHONPATH (the baseline would run our code)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks: dict[int, tuple[int, int]] = {}
 
     def watch():
@@ -87,7 +89,7 @@ def run_tune(tmp: Path, name: str, pythonpath: str, data: Path, teacher: Path, c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=120_000)
+    parser.add_argument("--images", type=int, default=600_000)
     parser.add_argument("--baseline-commit", default="69293e3", help="the last commit that loaded a copy per process")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ect-dataset-memory-"))
@@ -100,23 +102,26 @@ def main() -> None:
 
     data = tmp / "dataset.npz"
     rng = np.random.default_rng(0)
-    save_dataset(data, rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8),
+    save_dataset(data, rng.integers(0, 256, (args.images, 16, 16, 3), dtype=np.uint8),
                  rng.integers(0, 10, args.images))
     base = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     config = tmp / "config.yaml"
     config.write_text(yaml.safe_dump({
         **base, "pretrain": {**base["pretrain"], "kimg": 0.032, "arch": TINY},
-        "tune": {**base["tune"], "kimg": 0.32, "tick_kimg": 0.32, "state_kimg": 0.32, "snapshot_kimg": 0.32}}))
+        "tune": {**base["tune"], "batch": 8, "kimg": 0.08, "tick_kimg": 0.08, "state_kimg": 0.08,
+                 "snapshot_kimg": 0.08}}))
     teacher = tmp / "teacher.pt"
     subprocess.run([sys.executable, "-m", "ect.cli", "pretrain", "--config", str(config), "--data", str(data),
                     "--state-dir", str(tmp / "pretrain-state"), "--out", str(teacher), "--threads", "1",
                     "--no-progress"], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
     dataset_mb = data.stat().st_size / 2**20
-    print(f"dataset: {args.images:,} images 32x32x3, {dataset_mb:.0f} MB; 2 processes, 10 iterations")
+    print(f"dataset: {args.images:,} images 16x16x3, {dataset_mb:.0f} MB; 2 processes, 10 iterations at batch 8")
     rows = {}
     for name, path in (("copy per process (baseline)", str(baseline)), ("mapped (ours)", str(ROOT))):
         peaks = run_tune(tmp, name.split()[0], path, data, teacher, config)
+        if len(peaks) != 2:
+            raise SystemExit(f"{name}: saw {len(peaks)} training processes, not 2 (too short a run to sample?)")
         anon = [a / 2**20 for a, _ in peaks.values()]
         files = [f / 2**20 for _, f in peaks.values()]
         node = sum(anon) + max(files)

@@ -7,9 +7,13 @@ against the default (float32, eager).
 Every option runs the trainer's own step (`ect.train.TrainStep.of`, as `ect tune` builds it) from the same
 initial weights on the same digits with the same noise, at the toy preset's batch (32) and curriculum
 (config/config.yaml). Step time: alternating blocks per option (a warm-up step, then ``--steps`` timed
-steps; ``--rounds`` rounds); the first call of `compile` (its compilation) is timed separately. Losses:
-``--iterations`` iterations of each option; reported as the largest and the mean relative difference from
-the default's loss at the same iteration, with the tolerance each is held to (TOLERANCE).
+steps; ``--rounds`` rounds); the first call (for `compile`, its compilation) is timed separately.
+
+Losses: ``--iterations`` iterations of each option. Training is chaotic: a change in the order of float
+operations grows over the iterations until the trajectories are as far apart as two seeds'. So an option
+is held to a tolerance (TOLERANCE) over the first EARLY iterations, before that growth; over all the
+iterations its mean loss is reported beside the default's and beside the default's with another seed
+(``seed_spread``: how far the mean moves by chance alone).
 """
 from __future__ import annotations
 
@@ -33,9 +37,10 @@ from ect.train import Dist, TrainStep  # noqa: E402
 
 OPTIONS = {"default": {}, "bf16": {"bf16": True}, "channels_last": {"channels_last": True},
            "compile": {"compile": True}}
-# The mean relative difference of the loss from the default's over the iterations, as we hold each option to it:
-# bfloat16 rounds activations to 8 bits of mantissa; the others change only the order of float32 operations.
-TOLERANCE = {"bf16": 0.05, "channels_last": 0.01, "compile": 0.01}
+# The largest relative difference of the loss from the default's over the first EARLY iterations: bfloat16 rounds
+# activations to 8 bits of mantissa; the others change only the order of float32 operations.
+EARLY = 10
+TOLERANCE = {"bf16": 0.05, "channels_last": 1e-3, "compile": 1e-3}
 
 
 def toy_setup():
@@ -47,9 +52,9 @@ def toy_setup():
     return arch, tune, torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
-def build_step(option: str, arch: dict, tune: dict, images, device) -> TrainStep:
+def build_step(option: str, arch: dict, tune: dict, images, device, seed: int = 0) -> TrainStep:
     """The trainer's step with one option on, from weights seeded alike for every option."""
-    cfg = Tune.from_dict({**tune, **OPTIONS[option]})
+    cfg = Tune.from_dict({**tune, **OPTIONS[option], "seed": seed})
     torch.manual_seed(0)
     net = build_network(arch)
     ema = build_network(arch).eval().requires_grad_(False).to(device)
@@ -80,14 +85,19 @@ def main():
     losses, first_call = {}, {}
     for option in OPTIONS:
         step = build_step(option, arch, tune, images, device)
-        first_call[option] = timed(step, 0)
-        losses[option] = [step(i) for i in range(1, a.iterations)]
+        start = time.perf_counter()
+        losses[option] = [step(0)]
+        first_call[option] = time.perf_counter() - start
+        losses[option] += [step(i) for i in range(1, a.iterations)]
+    other_seed = build_step("default", arch, tune, images, device, seed=1)
+    mean_of = {option: statistics.mean(values) for option, values in losses.items()}
+    seed_spread = abs(statistics.mean(other_seed(i) for i in range(a.iterations)) / mean_of["default"] - 1)
     rows = {}
     for option in OPTIONS:
-        rel = [abs(x - y) / abs(y) for x, y in zip(losses[option], losses["default"], strict=True)]
-        rows[option] = {"first_call_s": round(first_call[option], 3), "loss_rel_diff_max": round(max(rel), 5),
-                        "loss_rel_diff_mean": round(statistics.mean(rel), 5),
-                        "tolerance_mean": TOLERANCE.get(option), "final_loss": round(losses[option][-1], 4)}
+        early = [abs(x - y) / abs(y) for x, y in zip(losses[option][:EARLY], losses["default"][:EARLY], strict=True)]
+        rows[option] = {"first_call_s": round(first_call[option], 3), "early_loss_rel_diff_max": float(f"{max(early):.3g}"),
+                        "tolerance": TOLERANCE.get(option), "mean_loss": round(mean_of[option], 4),
+                        "mean_loss_rel_diff": round(mean_of[option] / mean_of["default"] - 1, 4)}
 
     # Step time: alternating blocks of each option, late in the curriculum (every sample runs the target pass).
     steps = {option: build_step(option, arch, tune, images, device) for option in OPTIONS}
@@ -101,10 +111,11 @@ def main():
     for option in OPTIONS:
         median = statistics.median(times[option])
         rows[option].update(step_s=round(median, 4), step_time_over_default=round(median / base, 3))
-        ok = option == "default" or rows[option]["loss_rel_diff_mean"] <= TOLERANCE[option]
+        ok = option == "default" or rows[option]["early_loss_rel_diff_max"] <= TOLERANCE[option]
         rows[option]["within_tolerance"] = ok
     print(json.dumps({"device": str(device), "torch": torch.__version__, "batch": tune["batch"],
-                      "iterations": a.iterations, "options": rows}, indent=1))
+                      "iterations": a.iterations, "early_iterations": EARLY, "seed_spread": round(seed_spread, 4),
+                      "options": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -48,13 +48,14 @@ def test_the_scaling_fit_benchmark_runs_beside_the_first_version():
 
 def test_the_throughput_options_benchmark_times_each_option_and_holds_its_losses_to_the_default():
     """bf16, channels_last and compile (torch.compile, here on a CPU) against float32 eager: each option's step
-    time as a ratio, and its losses over the first iterations within the stated tolerance of the default's."""
-    proc = subprocess.run([sys.executable, "benchmarks/throughput_options.py", "--iterations", "6", "--steps", "1",
+    time as a ratio, and its losses over the first iterations within the stated tolerance of the default's (the
+    benchmark's EARLY iterations: here all of them)."""
+    proc = subprocess.run([sys.executable, "benchmarks/throughput_options.py", "--iterations", "10", "--steps", "1",
                            "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     options = json.loads(proc.stdout)["options"]
     assert set(options) == {"default", "bf16", "channels_last", "compile"}
-    assert options["default"]["loss_rel_diff_max"] == 0 and options["default"]["step_time_over_default"] == 1
+    assert options["default"]["early_loss_rel_diff_max"] == 0 and options["default"]["step_time_over_default"] == 1
     for name in ("bf16", "channels_last", "compile"):
         assert options[name]["within_tolerance"], (name, options[name])
         assert options[name]["step_s"] > 0
