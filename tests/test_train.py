@@ -170,7 +170,7 @@ def two_nodes(tmp, ect_args, env):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in launchers]
     assert [p.returncode for p in launchers] == [0, 0], logs
-    assert all(f"--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:" in log for log in logs)
+    assert all("--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:" in log for log in logs)
 
 
 def test_ddp_two_processes_match_one_process_and_accumulation(setup):
