@@ -243,11 +243,28 @@ def tune_launcher(spec):
     gpus, nodes = res.get("gpu", 0), res.get("nodes", 1)
     if nodes > 1:
         per_node = [f"--gres=gpu:{gpus}"] if gpus else []
-        return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={res['threads']}", *per_node,
-                "--kill-on-bad-exit=1", "python", "-m", "ect.launch", f"--nproc-per-node={max(1, gpus)}", "--"]
+        return [
+            "srun",
+            f"--nodes={nodes}",
+            "--ntasks-per-node=1",
+            f"--cpus-per-task={res['threads']}",
+            *per_node,
+            "--kill-on-bad-exit=1",
+            "python",
+            "-m",
+            "ect.launch",
+            f"--nproc-per-node={max(1, gpus)}",
+            "--",
+        ]
     if gpus > 1:
-        return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", f"--signals-to-handle={FORWARDED_SIGNALS}",
-                "-m", "ect.cli"]
+        return [
+            "torchrun",
+            "--standalone",
+            f"--nproc_per_node={gpus}",
+            f"--signals-to-handle={FORWARDED_SIGNALS}",
+            "-m",
+            "ect.cli",
+        ]
     return ["ect"]
 
 
