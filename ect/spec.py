@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
@@ -722,9 +723,14 @@ def reused_runs(spec) -> dict[str, RunSpec]:
     return out
 
 
-@functools.lru_cache(maxsize=16)
 def _preset_spec(preset: str) -> RunSpec:
-    return load_spec(f"config/{preset}.yaml")
+    """The spec of config/<preset>.yaml under the working directory (cached by its absolute path)."""
+    return _spec_of_file(os.path.abspath(f"config/{preset}.yaml"))
+
+
+@functools.lru_cache(maxsize=16)
+def _spec_of_file(path: str) -> RunSpec:
+    return load_spec(path)
 
 
 def _reuse_problems(spec: RunSpec, other: RunSpec, size: str):

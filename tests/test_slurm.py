@@ -154,8 +154,10 @@ def partition_up(name: str, nodes: int) -> bool:
 
 def test_tune_over_two_nodes_spans_both_resumes_after_a_requeue_and_matches_one_process(tmp_path):
     """`make test-cluster`: the toy's tune job over the two nodes of partition "two" (.ci/slurm.sh: each node its
-    own network namespace and hostname), requeued by SLURM once it has saved a state, against the same tuning in
-    one local process."""
+    own network namespace and hostname), requeued by SLURM once it has saved a state, against the same tuning by
+    two local processes (torchrun on this host): the same weights bit for bit. Against one process the
+    reduction order differs and the difference grows with the iterations (test_train.py bounds it at 5
+    iterations; at these 50 it measured 1e-3 in a weight, 12 % of how far tuning moved them)."""
     if not partition_up("two", 2):
         pytest.fail("partition 'two' (two idle nodes) is missing: start the cluster with .ci/slurm.sh start")
     one_node = {"default": {"runtime": 10, "mem_mb": 1500}}
@@ -163,7 +165,8 @@ def test_tune_over_two_nodes_spans_both_resumes_after_a_requeue_and_matches_one_
              "resources": {"default": {**one_node["default"], "partition": "two"}, "tune": {"nodes": 2, "runtime": 30}}}
     target = "results/two-nodes/tuned.pt"
     local = clone_repo(tmp_path / "local")
-    run(["snakemake", "--cores", "2", target, *write_overlay(local, {**extra, "resources": one_node})], local,
+    two_processes = {**one_node, "tune": {"gpu": 2}}  # torchrun --standalone: two processes here, no GPU needed
+    run(["snakemake", "--cores", "2", target, *write_overlay(local, {**extra, "resources": two_processes})], local,
         timeout=900)
 
     repo = clone_repo(tmp_path / "cluster")
@@ -195,11 +198,7 @@ def test_tune_over_two_nodes_spans_both_resumes_after_a_requeue_and_matches_one_
     assert "ect.launch: node 0 on node1:" in log and "ect.launch: node 1 on node2:" in log, log[-3000:]
     assert "resuming from" in log
 
-    # the same weights as one process (DDP sums gradients in another order: measured max |diff| ~1e-7)
-    one = torch.load(local / target, weights_only=True)["state_dict"]
-    two = torch.load(repo / target, weights_only=True)["state_dict"]
-    assert set(one) == set(two)
-    worst = max((one[k].double() - two[k].double()).abs().max().item() for k in one)
-    print(f"two nodes against one process: max |diff| {worst:.3g}")
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the same weights as two processes on one host, interrupted or not
+    here = torch.load(local / target, weights_only=True)["state_dict"]
+    there = torch.load(repo / target, weights_only=True)["state_dict"]
+    assert set(here) == set(there) and all(torch.equal(here[k], there[k]) for k in here)

@@ -191,7 +191,7 @@ def collect_scaling(spec, config_files: list[str]) -> dict:
     fits = [f for f in every_fit if f.get("fitted") is not False]
     not_fitted = [{"kind": f["kind"], "steps": f["steps"], "metric": metric, "reason": reason}
                   for f in every_fit for metric, reason in
-                  ({"fid": f["reason"]} if f.get("fitted") is False else f.get("not_fitted", {})).items()]
+                  ({**({"fid": f["reason"]} if f.get("fitted") is False else {}), **f.get("not_fitted", {})}).items()]
     teachers = []
     for size, arch in spec.scaling.sizes.items():
         meta = read_checkpoint(RunLayout(spec, size).teacher)["meta"]
