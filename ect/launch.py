@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORTS = 29500, 2000
 # SLURM warns a job before its time limit with SIGUSR1 (--signal=USR1@300): the agent forwards it to
 # the trainers, which save their state and stop, rather than dying of it.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")  # what torchrun accepts as the rendezvous host
 
 
 class LaunchError(Exception):
@@ -34,8 +36,8 @@ def first_node(nodelist: str) -> str:
                              check=True, timeout=60).stdout.split()
     except (OSError, subprocess.SubprocessError) as exc:
         raise LaunchError(f"cannot expand the node list {nodelist!r} with scontrol: {exc}") from None
-    if not out:
-        raise LaunchError(f"scontrol expanded the node list {nodelist!r} to nothing")
+    if not out or not HOSTNAME.fullmatch(out[0]):
+        raise LaunchError(f"scontrol expanded the node list {nodelist[:200]!r} to no host name the rendezvous can use")
     return out[0]
 
 
