@@ -275,15 +275,9 @@ def test_a_reused_run_must_be_the_run_the_study_would_train(tmp_path, monkeypatc
     other = read_config(ROOT / "config/cifar10-400k.yaml")
     other["tune"]["lr"] = 2e-4
     (tmp_path / "config/cifar10-400k.yaml").write_text(yaml.safe_dump(other))
-    monkeypatch.chdir(tmp_path)
-    from ect import spec as spec_module
-
-    spec_module._preset_spec.cache_clear()
-    try:
-        with pytest.raises(ConfigError, match="tunes otherwise than this study's size ddpmpp"):
-            RunLayout(spec)
-    finally:
-        spec_module._preset_spec.cache_clear()
+    monkeypatch.chdir(tmp_path)  # the reused preset is read from the working directory's config/
+    with pytest.raises(ConfigError, match="tunes otherwise than this study's size ddpmpp"):
+        RunLayout(spec)
 
 
 def test_a_claim_names_a_run_of_a_study_and_only_of_a_study():
