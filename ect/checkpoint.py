@@ -13,7 +13,7 @@ import torch
 from ect.errors import BadInput
 from ect.fileio import verify_zip, write_bytes_atomic
 from ect.networks import ArchError, Precond, build_network, parameter_shapes
-from ect.weights import bytes_beyond_held, nonfinite_weight
+from ect.weights import bytes_beyond_held, layout_mismatch, nonfinite_weight
 
 
 class CheckpointError(BadInput):
@@ -51,13 +51,14 @@ def check_weights(arch: dict, state_dict: dict, where="checkpoint") -> None:
         shapes = parameter_shapes(arch)
     except (ArchError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
-    missing, extra = sorted(set(shapes) - set(state_dict)), sorted(set(state_dict) - set(shapes))
-    if missing or extra:
+    mismatch = layout_mismatch(state_dict, shapes)
+    if mismatch and mismatch[0] == "keys":
+        _, missing, extra = mismatch
         raise CheckpointError(f"{where}: the weights do not match the network its kwargs describe "
                               f"({len(missing)} missing, e.g. {missing[:3]}; {len(extra)} unexpected, e.g. {extra[:3]})")
-    for name, shape in shapes.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise CheckpointError(f"{where}: {name} has shape {tuple(state_dict[name].shape)}, the network's is {shape}")
+    if mismatch:
+        _, name, got, shape = mismatch
+        raise CheckpointError(f"{where}: {name} has shape {got}, the network's is {shape}")
     beyond = bytes_beyond_held(state_dict)
     if beyond:
         raise CheckpointError(f"{where}: its weights claim {beyond[0]:,} bytes but the file holds {beyond[1]:,} "

@@ -7,6 +7,19 @@ what the shapes claim, not what the file holds, so every loader refuses claims b
 from __future__ import annotations
 
 
+def layout_mismatch(state_dict: dict, shapes: dict) -> tuple | None:
+    """How weights differ from the names and shapes a network needs, for the caller to word: ("keys", missing,
+    unexpected), both sorted, or ("shape", name, its shape, the needed shape) for the first wrong shape; None
+    when they match."""
+    missing, extra = sorted(set(shapes) - set(state_dict)), sorted(set(state_dict) - set(shapes))
+    if missing or extra:
+        return "keys", missing, extra
+    for name, shape in shapes.items():
+        if tuple(state_dict[name].shape) != tuple(shape):
+            return "shape", name, tuple(state_dict[name].shape), shape
+    return None
+
+
 def nonfinite_weight(state_dict: dict) -> str | None:
     """The name of the first floating-point tensor holding NaN or infinity, or None."""
     return next((name for name, t in state_dict.items() if t.is_floating_point() and not t.isfinite().all()), None)

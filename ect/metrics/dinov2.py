@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ect.errors import BadInput
-from ect.weights import bytes_beyond_held, nonfinite_weight
+from ect.weights import bytes_beyond_held, layout_mismatch, nonfinite_weight
 
 HEAD_DIM = 64  # every DINOv2 ViT (S, B, L, g) uses 64-wide heads; the file does not store the head count
 LAYER_NORM_EPS = 1e-6
@@ -250,15 +250,17 @@ def check_state_dict(state, where: str) -> DINOv2Shape:
         raise DINOv2Error(f"{where} is {variant}")
     shape = read_shape(state, where)
     shapes = expected_shapes(shape)
-    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
-    if missing or extra:
+    mismatch = layout_mismatch(state, shapes)
+    if mismatch and mismatch[0] == "keys":
+        _, missing, extra = mismatch
         raise DINOv2Error(f"{where} is not in the DINOv2 ViT layout ({len(missing)} missing keys, e.g. "
                           f"{_names(missing)}; {len(extra)} unexpected, e.g. {_names(extra)})")
-    for key, size in shapes.items():
-        if tuple(state[key].shape) != size:
-            raise DINOv2Error(f"{where}: {key} has shape {tuple(state[key].shape)}, the layout needs {size}")
-        if not state[key].is_floating_point():
-            raise DINOv2Error(f"{where}: {key} holds {state[key].dtype}, not floating-point weights")
+    if mismatch:
+        _, key, got, size = mismatch
+        raise DINOv2Error(f"{where}: {key} has shape {got}, the layout needs {size}")
+    not_float = next((key for key in shapes if not state[key].is_floating_point()), None)
+    if not_float:
+        raise DINOv2Error(f"{where}: {not_float} holds {state[not_float].dtype}, not floating-point weights")
     beyond = bytes_beyond_held(state)
     if beyond:
         raise DINOv2Error(f"{where}: its tensors claim {beyond[0]} bytes but the file holds {beyond[1]}")
